@@ -1,0 +1,19 @@
+"""ASGI entry point: the OpenAI API path and the admin path get different middleware stacks.
+
+Django loads one middleware chain per handler. The admin needs sessions, CSRF and messages,
+which are sync middleware and cost a thread hop each; the OpenAI API needs none of them. So
+requests under settings.API_PATH_PREFIXES go to a handler built from settings.API_MIDDLEWARE.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_application = get_asgi_application()
+
+from openai_api.handler import APIHandler, route_by_path  # noqa: E402
+
+application = route_by_path(api=APIHandler(), default=django_application)

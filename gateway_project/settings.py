@@ -1,0 +1,168 @@
+"""Gateway settings: every value comes from the environment (SPEC.md section 6)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: str = "False") -> bool:
+    value = os.environ.get(name, default)
+    if value not in ("True", "False", "true", "false", "1", "0"):
+        raise ImproperlyConfigured(f"{name} must be True or False, not {value!r}")
+    return value in ("True", "true", "1")
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number") from None
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """A JSON list (FastChat's CLI format) or a comma-separated string."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().startswith("["):
+        return [str(item) for item in json.loads(value)]
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_secret(name: str, default: str = "") -> str:
+    """Read NAME, or the file named by NAME_FILE (Docker/systemd secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+# Core Django
+DEBUG = env_bool("DJANGO_DEBUG")
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or "insecure-development-key-change-me"
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["*"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+USE_X_FORWARDED_HOST = env_bool("DJANGO_USE_X_FORWARDED_HOST")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "openai_api",
+    "keys",
+]
+
+# The admin and the key-management API get Django's full stack.
+MIDDLEWARE = [
+    "openai_api.middleware.request_id",
+    "openai_api.middleware.cors",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+# The OpenAI API path gets only async middleware: each sync middleware costs a thread hop
+# per request (SPEC.md section 8). See gateway_project/asgi.py.
+API_MIDDLEWARE = [
+    "openai_api.middleware.request_id",
+    "openai_api.middleware.cors",
+]
+API_PATH_PREFIXES = ("/v1/", "/api/v1/", "/health", "/metrics")
+
+ROOT_URLCONF = "gateway_project.urls"
+ASGI_APPLICATION = "gateway_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: SQLite file by default, DATABASE_URL for PostgreSQL.
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'gateway.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# Requests bigger than this get 413 (images travel inline as base64).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
+
+# FastChat backends
+CONTROLLER_ADDRESS = env_str("CONTROLLER_ADDRESS", "http://localhost:21001").rstrip("/")
+FASTCHAT_WORKER_API_TIMEOUT = env_float("FASTCHAT_WORKER_API_TIMEOUT", 100)
+FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE = env_int("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE", 4)
+# Controller calls are small and fast; a controller that does not answer is down.
+FASTCHAT_CONTROLLER_TIMEOUT = env_float("FASTCHAT_CONTROLLER_TIMEOUT", 10)
+# How long the controller's model list is trusted before it is asked again.
+GATEWAY_MODEL_LIST_TTL = env_float("GATEWAY_MODEL_LIST_TTL", 5)
+# How often a dead worker address is traded for another before the request gets 503.
+GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
+# How long a key's state is trusted in process memory (revocations apply within this time).
+GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+
+# CORS (FastChat's --allow-credentials/--allowed-origins/--allowed-methods/--allowed-headers)
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", ["*"])
+CORS_ALLOWED_METHODS = env_list("CORS_ALLOWED_METHODS", ["*"])
+CORS_ALLOWED_HEADERS = env_list("CORS_ALLOWED_HEADERS", ["*"])
+CORS_ALLOW_CREDENTIALS = env_bool("CORS_ALLOW_CREDENTIALS")
+
+REDIS_URL = env_str("REDIS_URL")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,10 @@
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("openai_api.urls")),
+    path("admin/", admin.site.urls),
+]
+
+handler404 = "openai_api.views.not_found"
+handler500 = "openai_api.views.server_error"

@@ -1,0 +1,107 @@
+"""The gateway's view of FastChat: cached model list, templates and context lengths.
+
+Per request the gateway asks the controller for a worker address (keeping the controller's
+load balancing), and only then the worker for a token count and a generation (SPEC.md 2).
+Everything else is cached here, per process.
+"""
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable, TypeVar
+
+from django.conf import settings
+
+from openai_api.client import FastChatClient, WorkerUnreachableError
+from openai_api.conversation import Template
+from openai_api.errors import UpstreamUnavailableError
+
+T = TypeVar("T")
+
+# How long a template or context length fetched from a worker is trusted.
+WORKER_FACTS_TTL = 300.0
+
+
+class Backend:
+    """Caches in front of a FastChatClient. One per process (see get_backend())."""
+
+    def __init__(self, client: FastChatClient, model_list_ttl: float, worker_retries: int, clock=time.monotonic):
+        self.client = client
+        self.model_list_ttl = model_list_ttl
+        self.worker_retries = worker_retries
+        self.clock = clock
+        self._models: list[str] = []
+        self._models_fetched_at = float("-inf")
+        self._templates: dict[tuple[str, str], tuple[Template, float]] = {}
+        self._context_lengths: dict[tuple[str, str], tuple[int, float]] = {}
+
+    async def models(self, refresh: bool = False) -> list[str]:
+        """The controller's model names, sorted; cached for model_list_ttl seconds."""
+        if refresh or self.clock() - self._models_fetched_at > self.model_list_ttl:
+            self._models = sorted(set(await self.client.list_models()))
+            self._models_fetched_at = self.clock()
+        return self._models
+
+    async def has_model(self, model: str) -> bool:
+        """Whether the controller serves `model`; an unknown name refreshes the list once."""
+        if model in await self.models():
+            return True
+        return model in await self.models(refresh=True)
+
+    async def template(self, address: str, model: str) -> Template:
+        key = (address, model)
+        cached = self._templates.get(key)
+        if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
+            template = Template.from_worker(await self.client.conv_template(address, model))
+            cached = self._templates[key] = (template, self.clock())
+        return cached[0]
+
+    async def context_length(self, address: str, model: str) -> int:
+        key = (address, model)
+        cached = self._context_lengths.get(key)
+        if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
+            length = await self.client.model_details(address, model)
+            cached = self._context_lengths[key] = (length, self.clock())
+        return cached[0]
+
+    def forget_worker(self, address: str) -> None:
+        """Drop what is cached about a worker that stopped answering."""
+        for cache in (self._templates, self._context_lengths):
+            for key in [key for key in cache if key[0] == address]:
+                del cache[key]
+
+    async def on_worker(self, model: str, action: Callable[[str], Awaitable[T]]) -> T:
+        """Run `action(worker_address)`, asking the controller again if the worker is gone.
+
+        A killed worker stays listed by the controller for up to 90 s, so a refused
+        connection is retried a bounded number of times, then answered with 503.
+        """
+        for _ in range(self.worker_retries):
+            address = await self.client.get_worker_address(model)
+            try:
+                return await action(address)
+            except WorkerUnreachableError:
+                self.forget_worker(address)
+        raise UpstreamUnavailableError(
+            f"No worker for model {model!r} could be reached. Please retry later.",
+            code="worker_unreachable",
+        )
+
+
+_backend: Backend | None = None
+
+
+def get_backend() -> Backend:
+    global _backend
+    if _backend is None:
+        _backend = Backend(
+            FastChatClient.from_settings(),
+            model_list_ttl=settings.GATEWAY_MODEL_LIST_TTL,
+            worker_retries=settings.GATEWAY_WORKER_RETRIES,
+        )
+    return _backend
+
+
+def reset_backend() -> None:
+    """Forget every cache (tests, settings changes)."""
+    global _backend
+    _backend = None

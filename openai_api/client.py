@@ -1,0 +1,226 @@
+"""The FastChat controller/worker client (FASTCHAT_REFERENCE.md sections 15-16).
+
+Every method either returns parsed data or raises one of the gateway's upstream errors:
+WorkerUnreachableError (connection refused or dropped before an answer: ask the controller
+for another worker), UpstreamTimeoutError, UpstreamUnavailableError (no worker, controller
+down) or UpstreamError (the upstream answered, but with an error).
+"""
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any, AsyncIterator
+
+import aiohttp
+import httpx
+import orjson
+from django.conf import settings
+from httpx_aiohttp import AiohttpTransport
+
+from openai_api.errors import (
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    worker_error,
+)
+
+JSON_HEADERS = {"content-type": "application/json", "user-agent": "Django OpenAI Gateway"}
+
+
+class WorkerUnreachableError(UpstreamUnavailableError):
+    """The worker did not take the request: another worker (or a retry) may."""
+
+    code = "worker_unreachable"
+
+
+# One pooled client per event loop: aiohttp sessions are bound to the loop that made them.
+_http_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = (
+    weakref.WeakKeyDictionary()
+)
+_test_transport: httpx.AsyncBaseTransport | None = None
+
+
+def get_http_client() -> httpx.AsyncClient:
+    """The process's pooled client for the running event loop, built on first use."""
+    loop = asyncio.get_running_loop()
+    client = _http_clients.get(loop)
+    if client is None:
+        transport = _test_transport or AiohttpTransport(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        )
+        client = httpx.AsyncClient(transport=transport, headers=JSON_HEADERS)
+        _http_clients[loop] = client
+    return client
+
+
+def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None:
+    """Forget pooled clients; the next call builds one over `transport` (tests pass a fake)."""
+    global _test_transport
+    _test_transport = transport
+    _http_clients.clear()
+
+
+def translate_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamUnavailableError | UpstreamTimeoutError:
+    """Map a transport failure to a gateway error.
+
+    httpx-aiohttp maps aiohttp's errors coarsely (a refused connection becomes ConnectTimeout),
+    so the original aiohttp error, kept as __cause__, decides first.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ServerTimeoutError) or (
+        cause is None and isinstance(exc, httpx.TimeoutException)
+    ):
+        return UpstreamTimeoutError(f"{url} did not answer within the timeout.")
+    return WorkerUnreachableError(f"Could not reach {url}: {type(cause or exc).__name__}.")
+
+
+class FastChatClient:
+    """Talks to one FastChat controller and the workers it hands out."""
+
+    def __init__(self, controller_address: str, worker_timeout: float, controller_timeout: float):
+        self.controller_address = controller_address
+        self.worker_timeout = httpx.Timeout(worker_timeout)
+        self.controller_timeout = httpx.Timeout(controller_timeout)
+
+    @classmethod
+    def from_settings(cls) -> "FastChatClient":
+        return cls(
+            settings.CONTROLLER_ADDRESS,
+            settings.FASTCHAT_WORKER_API_TIMEOUT,
+            settings.FASTCHAT_CONTROLLER_TIMEOUT,
+        )
+
+    # Controller
+
+    async def list_models(self) -> list[str]:
+        data = await self._controller("/list_models")
+        return list(data["models"])
+
+    async def refresh_all_workers(self) -> None:
+        await self._controller("/refresh_all_workers")
+
+    async def get_worker_address(self, model: str) -> str:
+        """The address of a worker serving `model`; raises UpstreamUnavailableError if none."""
+        data = await self._controller("/get_worker_address", {"model": model})
+        address = data.get("address") if isinstance(data, dict) else None
+        if not address:
+            raise UpstreamUnavailableError(f"No worker is available for model {model!r}. Please retry later.")
+        return address.rstrip("/")
+
+    async def ping_controller(self) -> None:
+        await self._controller("/list_models")
+
+    # Worker
+
+    async def model_details(self, address: str, model: str) -> int:
+        data = await self._worker(address, "/model_details", {"model": model})
+        return int(data["context_length"])
+
+    async def count_tokens(self, address: str, model: str, prompt: str) -> int:
+        data = await self._worker(address, "/count_token", {"model": model, "prompt": prompt})
+        check_worker_error(data)
+        return int(data["count"])
+
+    async def conv_template(self, address: str, model: str) -> dict[str, Any]:
+        data = await self._worker(address, "/worker_get_conv_template", {"model": model})
+        return data["conv"]
+
+    async def generate(self, address: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The worker's final chunk; raises if it reports an error."""
+        data = await self._worker(address, "/worker_generate", params)
+        check_worker_error(data)
+        return data
+
+    async def embeddings(self, address: str, params: dict[str, Any]) -> dict[str, Any]:
+        data = await self._worker(address, "/worker_get_embeddings", params)
+        check_worker_error(data)
+        return data
+
+    async def open_stream(self, address: str, params: dict[str, Any]) -> "WorkerStream":
+        """Send a generate_stream request and wait for the worker's response headers."""
+        url = address + "/worker_generate_stream"
+        client = get_http_client()
+        request = client.build_request("POST", url, content=orjson.dumps(params), timeout=self.worker_timeout)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, url) from exc
+        if response.status_code != 200:
+            await response.aclose()
+            raise UpstreamError(f"The worker answered HTTP {response.status_code} {response.reason_phrase}.")
+        return WorkerStream(response, url)
+
+    # Plumbing
+
+    async def _controller(self, path: str, payload: dict | None = None) -> Any:
+        url = self.controller_address + path
+        try:
+            return await self._post(url, payload, self.controller_timeout)
+        except WorkerUnreachableError as exc:
+            raise UpstreamUnavailableError(
+                f"The FastChat controller at {self.controller_address} cannot be reached.",
+                code="controller_unreachable",
+            ) from exc
+
+    async def _worker(self, address: str, path: str, payload: dict) -> Any:
+        return await self._post(address + path, payload, self.worker_timeout)
+
+    async def _post(self, url: str, payload: dict | None, timeout: httpx.Timeout) -> Any:
+        content = orjson.dumps(payload) if payload is not None else b""
+        try:
+            response = await get_http_client().post(url, content=content, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, url) from exc
+        if response.status_code != 200:
+            raise UpstreamError(f"{url} answered HTTP {response.status_code} {response.reason_phrase}.")
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"{url} answered with invalid JSON.") from None
+
+
+def check_worker_error(data: Any) -> None:
+    if not isinstance(data, dict):
+        raise UpstreamError("The worker answered with an unexpected body.")
+    error_code = data.get("error_code", 0)
+    if error_code:
+        raise worker_error(str(data.get("text", "")), int(error_code))
+
+
+class WorkerStream:
+    """A worker's NUL-delimited stream of cumulative-text chunks."""
+
+    def __init__(self, response: httpx.Response, url: str):
+        self.response = response
+        self.url = url
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield each parsed chunk; the worker's error chunks are yielded, not raised."""
+        buffer = b""
+        try:
+            async for data in self.response.aiter_raw():
+                buffer += data
+                *complete, buffer = buffer.split(b"\0")
+                for raw in complete:
+                    if raw.strip():
+                        yield parse_chunk(raw)
+        except httpx.HTTPError as exc:
+            error = translate_transport_error(exc, self.url)
+            if isinstance(error, WorkerUnreachableError):
+                error = UpstreamError("The worker closed the stream before it finished.")
+            raise error from exc
+        if buffer.strip():
+            yield parse_chunk(buffer)
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+def parse_chunk(raw: bytes) -> dict[str, Any]:
+    try:
+        chunk = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("The worker sent an invalid stream chunk.") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("The worker sent an invalid stream chunk.")
+    return chunk

@@ -1,0 +1,82 @@
+"""The decorator every OpenAI endpoint wears: method check, key, errors as JSON, bookkeeping."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from openai_api.auth import authenticate
+from openai_api.context import RequestContext
+from openai_api.errors import MethodNotAllowedError, OpenAIError, error_body
+from openai_api.protocol import parse_json_body
+
+logger = logging.getLogger(__name__)
+
+View = Callable[..., Awaitable[HttpResponse]]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
+    return HttpResponse(orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(exc: OpenAIError) -> HttpResponse:
+    return json_response(error_body(exc), status=exc.status_code, headers=exc.headers)
+
+
+def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], View]:
+    """Wrap an async view: 405 for other methods, 401 without a valid key, and every
+    failure as an OpenAI-style JSON error. The view finds `request.ctx` (RequestContext)
+    and, when authenticated, the key in `request.ctx.key`."""
+
+    def decorator(view: View) -> View:
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            ctx = RequestContext(request_id=getattr(request, "request_id", ""), endpoint=request.path)
+            request.ctx = ctx
+            try:
+                if request.method not in methods:
+                    raise MethodNotAllowedError(
+                        f"Method {request.method} is not allowed for {request.path}.",
+                        headers={"Allow": ", ".join(methods)},
+                    )
+                if authenticated:
+                    ctx.key = await authenticate(request)
+                response = await view(request, *args, **kwargs)
+            except OpenAIError as exc:
+                response = error_response(exc)
+                ctx.error_code = exc.code or ""
+            except Exception:
+                logger.exception("Unhandled error in %s (request %s)", request.path, ctx.request_id)
+                response = error_response(OpenAIError())
+                ctx.error_code = "internal_error"
+            if not isinstance(response, StreamingHttpResponse):
+                ctx.finish(response.status_code)
+            return response
+
+        return csrf_exempt(wrapper)
+
+    return decorator
+
+
+def read_json(request: HttpRequest) -> dict[str, Any]:
+    return parse_json_body(request.body)
+
+
+async def started(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Run a stream up to its first event before the response is returned.
+
+    A started async generator is finalised (its `finally` runs) even if the client goes away
+    before Django iterates it; an unstarted one would silently leak its upstream streams.
+    """
+    first = await anext(events)
+
+    async def relay() -> AsyncIterator[bytes]:
+        yield first
+        async for event in events:
+            yield event
+
+    return relay()

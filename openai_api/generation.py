@@ -1,0 +1,170 @@
+"""What chat and completions share: worker parameters, the context check, and worker streams."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
+
+from openai_api.backend import Backend
+from openai_api.client import WorkerStream, check_worker_error
+from openai_api.errors import ContextLengthError, UpstreamError
+from openai_api.protocol import Sampling
+
+T = TypeVar("T")
+
+# A token covers at least one byte of text, plus a few special tokens (BOS, a SentencePiece
+# dummy prefix, ChatGLM's [gMASK]/sop). A prompt whose UTF-8 length plus max_tokens plus this
+# margin fits the context cannot overflow it, so its count_token call is skipped.
+SPECIAL_TOKENS_MARGIN = 16
+# FastChat's stand-in for "no max_tokens": the rest of the context.
+UNLIMITED = 1024 * 1024
+
+
+async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str, max_tokens: int | None, param: str) -> int:
+    """FastChat's check_length: the max_new_tokens to send, or ContextLengthError.
+
+    A max_tokens that does not fit is lowered to what the context leaves (FastChat PR #2544).
+    """
+    context_length = await backend.context_length(address, model)
+    if max_tokens is not None and len(prompt.encode()) + max_tokens + SPECIAL_TOKENS_MARGIN <= context_length:
+        return max_tokens
+    token_count = await backend.client.count_tokens(address, model, prompt)
+    length = min(max_tokens or UNLIMITED, context_length - token_count)
+    if length <= 0:
+        raise ContextLengthError(
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"messages resulted in {token_count} tokens. Please reduce the length of the messages.",
+            param=param,
+        )
+    return length
+
+
+def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: int, stop: list[str],
+                  stop_token_ids: list[int] | None, *, echo: bool = False, logprobs: int | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """The generate payload, in FastChat's key order. Every value the worker reads is sent
+    explicitly: a missing or null one can crash it and leak its slot (FASTCHAT_REFERENCE 22)."""
+    params = {
+        "model": model,
+        "prompt": prompt,
+        "temperature": sampling.temperature,
+        "logprobs": logprobs,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "max_new_tokens": max_new_tokens,
+        "echo": echo,
+        "stop_token_ids": stop_token_ids,
+    }
+    params.update({name: value for name, value in extra.items() if value is not None})
+    params["stop"] = stop
+    if sampling.seed is not None:
+        params["seed"] = sampling.seed
+    return params
+
+
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the rest and is raised as is."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@dataclass
+class PrimedStream:
+    """A worker stream whose first chunk has arrived, so its failures can still be HTTP errors."""
+
+    stream: WorkerStream
+    first_chunk: dict[str, Any]
+    rest: AsyncIterator[dict[str, Any]]
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        yield self.first_chunk
+        async for chunk in self.rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def open_primed_stream(backend: Backend, address: str, params: dict[str, Any]) -> PrimedStream:
+    stream = await backend.client.open_stream(address, params)
+    try:
+        rest = stream.chunks()
+        first = await anext(rest)
+        check_worker_error(first)
+        return PrimedStream(stream, first, rest)
+    except StopAsyncIteration:
+        await stream.aclose()
+        raise UpstreamError("The worker closed the stream without sending anything.") from None
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+async def close_all(streams: Iterable[PrimedStream]) -> None:
+    await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+
+
+@dataclass
+class TextDelta:
+    """Turns a worker's cumulative text into deltas, as FastChat's stream generators do."""
+
+    previous_text: str = ""
+    previous_tokens: int = 0
+    finish_reason: str | None = None
+    finish_sent: bool = False
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def update(self, chunk: dict[str, Any]) -> str:
+        text = chunk.get("text", "").replace("\ufffd", "")
+        delta = text[len(self.previous_text):]
+        if len(text) > len(self.previous_text):
+            self.previous_text = text
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if chunk.get("finish_reason") is not None:
+            self.finish_reason = chunk["finish_reason"]
+        return delta
+
+    def take_finish(self, stream_ended: bool = False) -> bool:
+        """True once per choice: when the worker reported its finish_reason, or its stream
+        ended without one (then "stop")."""
+        if self.finish_sent or (self.finish_reason is None and not stream_ended):
+            return False
+        self.finish_reason = self.finish_reason or "stop"
+        self.finish_sent = True
+        return True
+
+    def logprobs_delta(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The part of the worker's cumulative logprobs that is new in this chunk."""
+        logprobs = chunk.get("logprobs")
+        if not logprobs:
+            return None
+        start = self.previous_tokens
+        self.previous_tokens = len(logprobs.get("tokens", []))
+        return {key: list(values[start:]) for key, values in logprobs.items() if isinstance(values, list)}
+
+
+def usage_block(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sum_usage(per_prompt: Iterable[list[dict[str, Any]]]) -> dict[str, int]:
+    """Prompt tokens once per prompt (not per choice), completion tokens over every choice."""
+    prompt_tokens = completion_tokens = 0
+    for choices in per_prompt:
+        usages = [choice.get("usage") or {} for choice in choices]
+        prompt_tokens += max((usage.get("prompt_tokens", 0) for usage in usages), default=0)
+        completion_tokens += sum(usage.get("completion_tokens", 0) for usage in usages)
+    return usage_block(prompt_tokens, completion_tokens)

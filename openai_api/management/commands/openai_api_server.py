@@ -1,0 +1,81 @@
+"""python manage.py openai_api_server — a drop-in for FastChat's openai_api_server CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+
+class Command(BaseCommand):
+    help = "Serve the OpenAI API (FastChat's openai_api_server flags) with uvicorn or daphne."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="localhost")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--controller-address", default=settings.CONTROLLER_ADDRESS)
+        parser.add_argument("--allow-credentials", action="store_true")
+        parser.add_argument("--allowed-origins", type=json.loads, default=["*"])
+        parser.add_argument("--allowed-methods", type=json.loads, default=["*"])
+        parser.add_argument("--allowed-headers", type=json.loads, default=["*"])
+        parser.add_argument("--api-keys", type=lambda s: s.split(","), default=None,
+                            help="Plaintext keys to import (stored hashed), as FastChat's flag.")
+        parser.add_argument("--ssl", action="store_true", help="Use SSL_KEYFILE and SSL_CERTFILE.")
+        parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
+        parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes.")
+        parser.add_argument("--no-migrate", action="store_true", help="Do not apply migrations first.")
+
+    def handle(self, *args, **options) -> None:
+        self.export_settings(options)
+        if not options["no_migrate"]:
+            call_command("migrate", interactive=False, verbosity=0)
+        if options["api_keys"]:
+            from keys.management.commands.import_api_keys import import_keys
+
+            created = import_keys([k for k in options["api_keys"] if k])
+            self.stderr.write(f"Imported {created} new API key(s) from --api-keys (stored hashed).")
+        ssl = self.ssl_files() if options["ssl"] else {}
+        if options["server"] == "daphne":
+            self.run_daphne(options, ssl)
+        else:
+            self.run_uvicorn(options, ssl)
+
+    def export_settings(self, options: dict) -> None:
+        """Settings for this process and, through the environment, for worker processes."""
+        values = {
+            "CONTROLLER_ADDRESS": options["controller_address"].rstrip("/"),
+            "CORS_ALLOWED_ORIGINS": options["allowed_origins"],
+            "CORS_ALLOWED_METHODS": options["allowed_methods"],
+            "CORS_ALLOWED_HEADERS": options["allowed_headers"],
+            "CORS_ALLOW_CREDENTIALS": options["allow_credentials"],
+        }
+        for name, value in values.items():
+            setattr(settings, name, value)
+            os.environ[name] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    def ssl_files(self) -> dict[str, str]:
+        try:
+            return {"keyfile": os.environ["SSL_KEYFILE"], "certfile": os.environ["SSL_CERTFILE"]}
+        except KeyError as exc:
+            raise CommandError(f"--ssl needs the {exc.args[0]} environment variable.") from None
+
+    def run_uvicorn(self, options: dict, ssl: dict[str, str]) -> None:
+        import uvicorn
+
+        uvicorn.run(
+            "gateway_project.asgi:application",
+            host=options["host"], port=options["port"], workers=options["workers"],
+            loop="uvloop", http="httptools", lifespan="off", log_level="info",
+            access_log=False, timeout_graceful_shutdown=30,
+            ssl_keyfile=ssl.get("keyfile"), ssl_certfile=ssl.get("certfile"),
+        )
+
+    def run_daphne(self, options: dict, ssl: dict[str, str]) -> None:
+        from daphne.cli import CommandLineInterface
+
+        endpoint = f"tcp:port={options['port']}:interface={options['host']}"
+        if ssl:
+            endpoint = f"ssl:{options['port']}:interface={options['host']}:privateKey={ssl['keyfile']}:certKey={ssl['certfile']}"
+        CommandLineInterface().run(["-e", endpoint, "gateway_project.asgi:application"])

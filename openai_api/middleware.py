@@ -1,0 +1,86 @@
+"""Async-capable middleware for every path: request ids and CORS."""
+from __future__ import annotations
+
+import re
+import uuid
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+
+# A client's or proxy's own id is kept if it looks like one (nginx's $request_id does).
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+def both(process_request, process_response):
+    """Build a middleware factory that works in sync and async chains alike."""
+
+    def factory(get_response):
+        if iscoroutinefunction(get_response):
+            async def middleware(request: HttpRequest) -> HttpResponse:
+                early = process_request(request)
+                response = early if early is not None else await get_response(request)
+                return process_response(request, response)
+
+            markcoroutinefunction(middleware)
+        else:
+            def middleware(request: HttpRequest) -> HttpResponse:
+                early = process_request(request)
+                response = early if early is not None else get_response(request)
+                return process_response(request, response)
+
+        return middleware
+
+    factory.sync_capable = True
+    factory.async_capable = True
+    return factory
+
+
+def assign_request_id(request: HttpRequest) -> None:
+    given = request.headers.get("X-Request-ID", "")
+    request.request_id = given if SAFE_REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+    return None
+
+
+def add_request_id(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    response["X-Request-ID"] = request.request_id
+    return response
+
+
+request_id = both(assign_request_id, add_request_id)
+
+
+def cors_preflight(request: HttpRequest) -> HttpResponse | None:
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response = HttpResponse(status=200)
+        response["Access-Control-Allow-Methods"] = allowed(settings.CORS_ALLOWED_METHODS, request.headers["Access-Control-Request-Method"])
+        requested = request.headers.get("Access-Control-Request-Headers")
+        if requested:
+            response["Access-Control-Allow-Headers"] = allowed(settings.CORS_ALLOWED_HEADERS, requested)
+        response["Access-Control-Max-Age"] = "600"
+        return response
+    return None
+
+
+def cors_headers(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return response
+    origins = settings.CORS_ALLOWED_ORIGINS
+    if "*" in origins and not settings.CORS_ALLOW_CREDENTIALS:
+        response["Access-Control-Allow-Origin"] = "*"
+    elif "*" in origins or origin in origins:
+        response["Access-Control-Allow-Origin"] = origin
+        response["Vary"] = "Origin"
+    else:
+        return response
+    if settings.CORS_ALLOW_CREDENTIALS:
+        response["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+def allowed(configured: list[str], requested: str) -> str:
+    return requested if "*" in configured else ", ".join(configured)
+
+
+cors = both(cors_preflight, cors_headers)

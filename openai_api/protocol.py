@@ -1,0 +1,398 @@
+"""Request parsing and validation for the OpenAI endpoints.
+
+Requests become small frozen dataclasses; anything wrong becomes an InvalidRequestError that
+names the parameter. Range messages are FastChat's own (check_requests), so clients that
+match on them keep working. Unknown fields are ignored; features the workers cannot honour
+(tools, functions, JSON mode) are refused rather than silently dropped (SPEC.md 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from openai_api.errors import ErrorCode, InvalidJSONError, InvalidRequestError
+
+MISSING = object()
+JSON_TYPE_NAMES = {
+    str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+    list: "an array", dict: "an object", type(None): "null",
+}
+CHAT_ROLES = {"system", "developer", "user", "assistant"}
+MAX_N = 128
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidJSONError() from None
+    if not isinstance(body, dict):
+        raise InvalidJSONError("The request body must be a JSON object.")
+    return body
+
+
+def type_error(param: str, expected: str, value: Any) -> InvalidRequestError:
+    got = JSON_TYPE_NAMES.get(type(value), "a value of another type")
+    return InvalidRequestError(
+        f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
+        param=param, code="invalid_type", fastchat_code=ErrorCode.VALIDATION_TYPE_ERROR,
+    )
+
+
+def range_error(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
+def required(body: dict, name: str) -> Any:
+    value = body.get(name, MISSING)
+    if value is MISSING or value is None:
+        raise InvalidRequestError(
+            f"Missing required parameter: '{name}'.", param=name,
+            code="missing_required_parameter", fastchat_code=ErrorCode.VALIDATION_TYPE_ERROR,
+        )
+    return value
+
+
+def get_str(body: dict, name: str, default: str | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise type_error(name, "a string", value)
+    return value
+
+
+def get_bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise type_error(name, "a boolean", value)
+    return value
+
+
+def get_int(body: dict, name: str, default: int | None, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise type_error(name, "an integer", value)
+    check_range(name, value, minimum, maximum)
+    return value
+
+
+def get_float(body: dict, name: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise type_error(name, "a number", value)
+    value = float(value)
+    check_range(name, value, minimum, maximum)
+    return value
+
+
+def check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise range_error(name, f"{value} is less than the minimum of {minimum} - '{name}'")
+    if maximum is not None and value > maximum:
+        raise range_error(name, f"{value} is greater than the maximum of {maximum} - '{name}'")
+
+
+def get_top_k(body: dict) -> int:
+    top_k = get_int(body, "top_k", -1)
+    if top_k == 0:
+        raise range_error("top_k", "0 is out of Range. Either set top_k to -1 or >=1.")
+    return top_k
+
+
+def get_stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        return stop
+    raise type_error("stop", "a string or an array of strings", stop)
+
+
+def get_include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise type_error("stream_options", "an object", options)
+    return get_bool(options, "include_usage")
+
+
+def refuse_unsupported(body: dict) -> None:
+    """Tools and JSON mode need worker support FastChat does not have: say so."""
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise unsupported(name, f"'{name}' is not supported by this gateway's models.")
+    if body.get("tool_choice") not in (None, "none"):
+        raise unsupported("tool_choice", "'tool_choice' is not supported by this gateway's models.")
+    if body.get("function_call") not in (None, "none"):
+        raise unsupported("function_call", "'function_call' is not supported by this gateway's models.")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind != "text":
+            raise unsupported("response_format", "Only 'response_format' of type 'text' is supported.")
+
+
+def unsupported(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="unsupported_parameter")
+
+
+# Sampling parameters shared by chat and completions
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    n: int
+    max_tokens: int | None
+    stop: list[str]
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_sampling(body: dict, max_tokens: int | None) -> Sampling:
+    # FastChat's check order: max_tokens, n, temperature, top_p, top_k, stop.
+    return Sampling(
+        max_tokens=max_tokens,
+        n=get_int(body, "n", 1, minimum=1, maximum=MAX_N),
+        temperature=get_float(body, "temperature", 0.7, minimum=0, maximum=2),
+        top_p=get_float(body, "top_p", 1.0, minimum=0, maximum=1),
+        top_k=get_top_k(body),
+        stop=get_stop(body),
+        presence_penalty=get_float(body, "presence_penalty", 0.0, minimum=-2, maximum=2),
+        frequency_penalty=get_float(body, "frequency_penalty", 0.0, minimum=-2, maximum=2),
+        seed=get_int(body, "seed", None),
+        stream=get_bool(body, "stream"),
+        include_usage=get_include_usage(body),
+    )
+
+
+# Chat
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: str | list[dict[str, Any]]
+    sampling: Sampling
+    user: str | None
+    repetition_penalty: float | None = None
+
+
+def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatRequest:
+    """Validate a /v1/chat/completions body (or /api/v1/chat/completions with extras)."""
+    model = required(body, "model")
+    if not isinstance(model, str):
+        raise type_error("model", "a string", model)
+    messages = parse_messages(required(body, "messages"))
+    refuse_unsupported(body)
+    if body.get("logprobs"):
+        raise unsupported("logprobs", "Chat 'logprobs' are not supported by FastChat workers; use /v1/completions.")
+    max_tokens = get_int(body, "max_tokens", None, minimum=1)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_completion_tokens", None, minimum=1)
+    repetition_penalty = get_float(body, "repetition_penalty", 1.0, minimum=0) if fastchat_extras else None
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        sampling=parse_sampling(body, max_tokens),
+        user=get_str(body, "user"),
+        repetition_penalty=repetition_penalty,
+    )
+
+
+def parse_messages(messages: Any) -> str | list[dict[str, Any]]:
+    """A plain prompt string (FastChat allows it) or a list of normalised messages."""
+    if isinstance(messages, str):
+        return messages
+    if not isinstance(messages, list):
+        raise type_error("messages", "an array of messages", messages)
+    if not messages:
+        raise range_error("messages", "[] is too short - 'messages'")
+    return [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+
+
+def parse_message(message: Any, where: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise type_error(where, "an object", message)
+    role = required_in(message, "role", where)
+    if role in ("tool", "function"):
+        raise unsupported(f"{where}.role", f"Messages with role '{role}' are not supported by this gateway's models.")
+    if role not in CHAT_ROLES:
+        raise range_error(
+            f"{where}.role",
+            f"Invalid value: '{role}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.",
+        )
+    if message.get("tool_calls"):
+        raise unsupported(f"{where}.tool_calls", "Assistant 'tool_calls' are not supported by this gateway's models.")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    return {"role": role, "content": parse_content(content, f"{where}.content", allow_images=role == "user")}
+
+
+def required_in(obj: dict, name: str, where: str) -> str:
+    value = obj.get(name)
+    if value is None:
+        raise InvalidRequestError(
+            f"Missing required parameter: '{where}.{name}'.", param=f"{where}.{name}",
+            code="missing_required_parameter", fastchat_code=ErrorCode.VALIDATION_TYPE_ERROR,
+        )
+    if not isinstance(value, str):
+        raise type_error(f"{where}.{name}", "a string", value)
+    return value
+
+
+def parse_content(content: Any, where: str, allow_images: bool) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise type_error(where, "a string or an array of content parts", content)
+    return [parse_part(part, f"{where}[{i}]", allow_images) for i, part in enumerate(content)]
+
+
+def parse_part(part: Any, where: str, allow_images: bool) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise type_error(where, "an object", part)
+    kind = required_in(part, "type", where)
+    if kind == "text":
+        return {"type": "text", "text": required_in(part, "text", where)}
+    if kind == "image_url" and allow_images:
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise type_error(f"{where}.image_url", "an object with a 'url' string", image)
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise unsupported(f"{where}.type", f"Content parts of type '{kind}' are not supported here.")
+
+
+# Completions and embeddings input
+
+
+def parse_prompt_input(value: Any, param: str) -> list[str] | list[list[int]]:
+    """A str, list of str, list of token ids, or list of token-id lists; never empty.
+
+    Returns a list of strings, or a list of token-id lists to be decoded (see tokens.py).
+    """
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise type_error(param, "a string or an array", value)
+    if not value:
+        raise range_error(param, f"[] is too short - '{param}'")
+    if all(isinstance(item, str) for item in value):
+        return value
+    if all(is_token_id(item) for item in value):
+        return [value]
+    if all(isinstance(item, list) and item and all(is_token_id(t) for t in item) for item in value):
+        return value
+    raise type_error(param, "a string, an array of strings, or token ids", value)
+
+
+def is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: list[str] | list[list[int]]
+    sampling: Sampling
+    echo: bool
+    logprobs: int | None
+    best_of: int | None
+    use_beam_search: bool
+    user: str | None
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    model = required(body, "model")
+    if not isinstance(model, str):
+        raise type_error("model", "a string", model)
+    prompts = parse_prompt_input(required(body, "prompt"), "prompt")
+    # `max_tokens: null` means the default, 16 (FastChat crashes on it).
+    max_tokens = get_int(body, "max_tokens", 16, minimum=1)
+    sampling = parse_sampling(body, max_tokens)
+    best_of = get_int(body, "best_of", None, minimum=1, maximum=MAX_N)
+    if best_of is not None and best_of < sampling.n:
+        raise range_error("best_of", "best_of must be greater than or equal to n.")
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        sampling=sampling,
+        echo=get_bool(body, "echo"),
+        logprobs=get_int(body, "logprobs", None, minimum=0, maximum=5),
+        best_of=best_of,
+        use_beam_search=get_bool(body, "use_beam_search"),
+        user=get_str(body, "user"),
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    model: str
+    inputs: list[str] | list[list[int]]
+    encoding_format: str | None
+    user: str | None
+
+
+def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsRequest:
+    model = get_str(body, "model") or path_model
+    if model is None:
+        required(body, "model")
+    encoding_format = get_str(body, "encoding_format")
+    if encoding_format not in (None, "float", "base64"):
+        raise range_error(
+            "encoding_format",
+            f"Invalid value: '{encoding_format}'. Supported values are: 'float' and 'base64'.",
+        )
+    return EmbeddingsRequest(
+        model=model,
+        inputs=parse_prompt_input(required(body, "input"), "input"),
+        encoding_format=encoding_format,
+        user=get_str(body, "user"),
+    )
+
+
+# FastChat's /api/v1/token_check
+
+
+@dataclass(frozen=True)
+class TokenCheckItem:
+    model: str
+    prompt: str
+    max_tokens: int
+
+
+def parse_token_check(body: dict) -> list[TokenCheckItem]:
+    prompts = required(body, "prompts")
+    if not isinstance(prompts, list):
+        raise type_error("prompts", "an array", prompts)
+    items = []
+    for i, item in enumerate(prompts):
+        where = f"prompts[{i}]"
+        if not isinstance(item, dict):
+            raise type_error(where, "an object", item)
+        max_tokens = get_int(item, "max_tokens", None)
+        if max_tokens is None:
+            required(item, "max_tokens")
+        items.append(TokenCheckItem(required_in(item, "model", where), required_in(item, "prompt", where), max_tokens))
+    return items

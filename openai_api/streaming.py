@@ -1,0 +1,100 @@
+"""Server-sent events: framing, the streaming response, and merging concurrent choice streams.
+
+Contract of every event generator here: once the 200 status is sent, a failure becomes one
+`data: {"error": ...}` event followed by `data: [DONE]`. If the client disconnects, Django
+cancels the generator (asyncio.CancelledError at its current await): the generator closes its
+upstream streams in `finally` and re-raises, so the worker sees the disconnect at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import orjson
+from django.http import StreamingHttpResponse
+
+from openai_api.errors import OpenAIError, UpstreamError, error_body
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def sse_error(exc: BaseException) -> bytes:
+    if not isinstance(exc, OpenAIError):
+        logger.exception("Stream failed", exc_info=exc)
+        exc = UpstreamError("The stream failed.")
+    return sse_event(error_body(exc))
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+_END = object()
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Yield (stream index, item) from several async iterators as items arrive.
+
+    The first failure is raised after the other readers are cancelled.
+    """
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item, None))
+            await queue.put((index, _END, None))
+        except Exception as exc:
+            await queue.put((index, _END, exc))
+
+    readers = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(readers)
+        while remaining:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def guarded(events: AsyncIterator[bytes], on_end: Any) -> AsyncIterator[bytes]:
+    """Relay `events`, then `[DONE]`; a failure becomes one error event before `[DONE]`.
+
+    `on_end(status, error_code)` runs exactly once, however the stream ends: 200 on success,
+    502 after an error event, 499 when the client went away (then no `[DONE]` is sent).
+    """
+    status, error_code = 200, ""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        status, error_code = 502, getattr(exc, "code", None) or "stream_error"
+        yield sse_error(exc)
+    except BaseException:
+        status, error_code = 499, "client_disconnected"
+        raise
+    finally:
+        await events.aclose()
+        await on_end(status, error_code)
+    yield SSE_DONE

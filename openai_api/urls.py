@@ -1,0 +1,16 @@
+from django.urls import path
+
+from openai_api import views
+
+urlpatterns = [
+    path("v1/models", views.models),
+    path("v1/models/<path:model_id>", views.model_detail),
+    path("v1/chat/completions", views.chat_completions),
+    path("v1/completions", views.completions_view),
+    path("v1/embeddings", views.embeddings),
+    path("v1/engines/<path:model_name>/embeddings", views.embeddings),
+    path("api/v1/token_check", views.token_check),
+    path("api/v1/chat/completions", views.fastchat_chat_completions),
+    path("health", views.health),
+    path("health/ready", views.ready),
+]

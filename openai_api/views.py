@@ -1,0 +1,161 @@
+"""The OpenAI-compatible endpoints: validate -> authorise the model -> act -> respond."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import shortuuid
+from django.http import HttpRequest, HttpResponse
+
+from openai_api import chat, completions, embeddings as embeddings_api, protocol
+from openai_api.auth import require_model_access
+from openai_api.backend import Backend, get_backend
+from openai_api.endpoint import api_endpoint, json_response, read_json, started
+from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
+from openai_api.streaming import sse_response
+from openai_api.tokens import as_texts
+
+
+async def authorise_model(request: HttpRequest, backend: Backend, model: str) -> None:
+    """403 if the key may not use `model`, 404 (FastChat's message) if no worker serves it."""
+    key = request.ctx.key
+    request.ctx.model = model
+    require_model_access(key, model)
+    if not await backend.has_model(model):
+        visible = [name for name in await backend.models() if key.allows_model(name)]
+        raise ModelNotFoundError(
+            f"Only {'&&'.join(visible)} allowed now, your model {model}", param="model",
+        )
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    return {
+        "id": name, "object": "model", "created": created, "owned_by": "fastchat",
+        "root": name, "parent": None,
+        "permission": [{
+            "id": "modelperm-" + shortuuid.random(), "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": True, "allow_view": True, "allow_fine_tuning": False,
+            "organization": "*", "group": None, "is_blocking": False,
+        }],
+    }
+
+
+@api_endpoint("GET")
+async def models(request: HttpRequest) -> HttpResponse:
+    key, created = request.ctx.key, int(time.time())
+    names = [name for name in await get_backend().models() if key.allows_model(name)]
+    return json_response({"object": "list", "data": [model_card(name, created) for name in names]})
+
+
+@api_endpoint("GET")
+async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
+    key = request.ctx.key
+    if not key.allows_model(model_id) or not await get_backend().has_model(model_id):
+        raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
+    return json_response(model_card(model_id, int(time.time())))
+
+
+async def chat_response(request: HttpRequest, fastchat_extras: bool) -> HttpResponse:
+    body = protocol.parse_chat(read_json(request), fastchat_extras=fastchat_extras)
+    backend = get_backend()
+    await authorise_model(request, backend, body.model)
+    request.ctx.streamed = body.sampling.stream
+    if body.sampling.stream:
+        streams = await chat.open_chat_streams(backend, body)
+        return sse_response(await started(chat.chat_completion_events(body, streams, request.ctx)))
+    return json_response(await chat.create_chat_completion(backend, body, request.ctx))
+
+
+@api_endpoint("POST")
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    return await chat_response(request, fastchat_extras=False)
+
+
+@api_endpoint("POST")
+async def fastchat_chat_completions(request: HttpRequest) -> HttpResponse:
+    """FastChat's /api/v1/chat/completions: chat plus repetition_penalty, behind keys."""
+    return await chat_response(request, fastchat_extras=True)
+
+
+@api_endpoint("POST")
+async def completions_view(request: HttpRequest) -> HttpResponse:
+    body = protocol.parse_completion(read_json(request))
+    backend = get_backend()
+    await authorise_model(request, backend, body.model)
+    prompts = await as_texts(body.model, body.prompts, "prompt")
+    request.ctx.streamed = body.sampling.stream
+    if body.sampling.stream:
+        streams = await completions.open_completion_streams(backend, body, prompts)
+        return sse_response(await started(completions.completion_events(body, streams, request.ctx)))
+    return json_response(await completions.create_completion(backend, body, prompts, request.ctx))
+
+
+@api_endpoint("POST")
+async def embeddings(request: HttpRequest, model_name: str | None = None) -> HttpResponse:
+    body = protocol.parse_embeddings(read_json(request), path_model=model_name)
+    backend = get_backend()
+    await authorise_model(request, backend, body.model)
+    inputs = await as_texts(body.model, body.inputs, "input")
+    return json_response(await embeddings_api.create_embeddings(backend, body, inputs, request.ctx))
+
+
+@api_endpoint("POST")
+async def token_check(request: HttpRequest) -> HttpResponse:
+    """FastChat's /api/v1/token_check: does each prompt plus max_tokens fit its model?"""
+    items = protocol.parse_token_check(read_json(request))
+    backend, key = get_backend(), request.ctx.key
+    results = []
+    for item in items:
+        require_model_access(key, item.model)
+
+        async def count(address: str, item=item) -> tuple[int, int]:
+            context_length = await backend.context_length(address, item.model)
+            return await backend.client.count_tokens(address, item.model, item.prompt), context_length
+
+        token_count, context_length = await backend.on_worker(item.model, count)
+        results.append({
+            "fits": token_count + item.max_tokens <= context_length,
+            "tokenCount": token_count,
+            "contextLength": context_length,
+        })
+    return json_response({"prompts": results})
+
+
+@api_endpoint("GET", authenticated=False)
+async def health(request: HttpRequest) -> HttpResponse:
+    return json_response({"status": "ok"})
+
+
+@api_endpoint("GET", authenticated=False)
+async def ready(request: HttpRequest) -> HttpResponse:
+    """Ready when the database and the FastChat controller both answer."""
+    from asgiref.sync import sync_to_async
+    from django.db import connection
+
+    def ping_database() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    checks: dict[str, str] = {}
+    try:
+        await sync_to_async(ping_database)()
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        await get_backend().client.ping_controller()
+        checks["controller"] = "ok"
+    except OpenAIError as exc:
+        checks["controller"] = f"error: {exc.message}"
+    healthy = all(value == "ok" for value in checks.values())
+    return json_response({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)
+
+
+async def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    exc = NotFoundError(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+    return json_response(error_body(exc), status=404)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    return json_response(error_body(OpenAIError()), status=500)

@@ -1,0 +1,55 @@
+"""Shared test cast: two keys (one active, one revoked) and a FakeFastChat."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.test import TestCase, override_settings
+from django.utils import timezone
+
+from keys.models import APIKey
+from openai_api.auth import key_cache
+from openai_api.backend import reset_backend
+from openai_api.client import reset_http_client
+from tests.fakes import CONTROLLER, FakeFastChat
+
+
+@override_settings(CONTROLLER_ADDRESS=CONTROLLER, GATEWAY_WORKER_RETRIES=3)
+class GatewayTestCase(TestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.key, self.plaintext = APIKey.objects.create_key("alice")
+        revoked, self.revoked_plaintext = APIKey.objects.create_key("revoked")
+        revoked.revoked_at = timezone.now()
+        revoked.save()
+        self.auth = {"Authorization": f"Bearer {self.plaintext}"}
+        self.fake = FakeFastChat()
+        reset_backend()
+        reset_http_client(self.fake.transport())
+        key_cache.clear()
+
+    def tearDown(self) -> None:
+        reset_http_client()
+        reset_backend()
+        key_cache.clear()
+        super().tearDown()
+
+    async def post(self, path: str, data: Any, **headers: Any):
+        body = data if isinstance(data, (bytes, str)) else json.dumps(data)
+        return await self.async_client.post(path, body, content_type="application/json", headers={**self.auth, **headers})
+
+    async def get(self, path: str, **headers: Any):
+        return await self.async_client.get(path, headers={**self.auth, **headers})
+
+    def assertError(self, response, status: int, param: str | None = None, code: Any = None) -> dict:
+        self.assertEqual(response.status_code, status, response.content)
+        self.assertEqual(response["Content-Type"], "application/json")
+        body = response.json()
+        self.assertEqual(body["object"], "error")
+        self.assertEqual(body["message"], body["error"]["message"])
+        self.assertIsInstance(body["code"], int)
+        if param is not None:
+            self.assertEqual(body["error"]["param"], param)
+        if code is not None:
+            self.assertIn(code, (body["code"], body["error"]["code"]))
+        return body

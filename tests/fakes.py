@@ -1,0 +1,151 @@
+"""FakeFastChat: an in-process controller and worker behind httpx.MockTransport.
+
+It speaks the wire protocol of FASTCHAT_REFERENCE.md 15-16 (cumulative-text chunks, a final
+duplicate chunk with finish_reason, NUL delimiters split across network reads) and records
+every upstream call so tests can count them.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+from fastchat.conversation import get_conv_template
+
+CONTROLLER = "http://controller.test"
+WORKER = "http://worker.test"
+
+
+def worker_template(name: str) -> dict[str, Any]:
+    """A template as a worker serialises it (sep_style as an int)."""
+    conv = get_conv_template(name)
+    conv.sep_style = int(conv.sep_style)
+    return json.loads(json.dumps(dataclasses.asdict(conv)))
+
+
+@dataclass
+class FakeFastChat:
+    models: list[str] = field(default_factory=lambda: ["m1", "embed"])
+    template: str = "vicuna_v1.1"
+    context_length: int = 2048
+    reply: str = "Hello wörld, how are you today?"
+    calls: list[tuple[str, dict | None]] = field(default_factory=list)
+    # Fault injection
+    no_worker: bool = False
+    worker_error: type[Exception] | None = None  # raised by the transport for worker calls
+    controller_error: type[Exception] | None = None
+    generate_status: int = 200
+    error_chunk_after: int | None = None  # stream: an error chunk after this many chunks
+    error_code: int = 50001
+    finish_reason: str | None = None  # overrides the computed finish_reason
+    chunk_delay: float = 0.0
+    stream_closed: list[bool] = field(default_factory=list)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.calls]
+
+    def payloads(self, path: str) -> list[dict]:
+        return [payload for p, payload in self.calls if p == path]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        payload = json.loads(request.content) if request.content else None
+        path = request.url.path
+        self.calls.append((path, payload))
+        if str(request.url).startswith(CONTROLLER):
+            if self.controller_error:
+                raise self.controller_error("controller down", request=request)
+            return self.controller(path, payload)
+        if self.worker_error:
+            raise self.worker_error("worker down", request=request)
+        return await self.worker(path, payload)
+
+    def controller(self, path: str, payload: dict | None) -> httpx.Response:
+        if path == "/list_models":
+            return httpx.Response(200, json={"models": self.models})
+        if path == "/get_worker_address":
+            served = payload["model"] in self.models and not self.no_worker
+            return httpx.Response(200, json={"address": WORKER if served else ""})
+        if path == "/refresh_all_workers":
+            return httpx.Response(200, json=None)
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    async def worker(self, path: str, payload: dict) -> httpx.Response:
+        if path == "/model_details":
+            return httpx.Response(200, json={"context_length": self.context_length})
+        if path == "/count_token":
+            return httpx.Response(200, json={"count": count_tokens(payload["prompt"]), "error_code": 0})
+        if path == "/worker_get_conv_template":
+            return httpx.Response(200, json={"conv": worker_template(self.template)})
+        if self.generate_status != 200:
+            return httpx.Response(self.generate_status, text="Internal Server Error")
+        if path == "/worker_generate":
+            return httpx.Response(200, json=self.chunks(payload)[-1])
+        if path == "/worker_generate_stream":
+            return httpx.Response(200, content=self.stream(payload))
+        if path == "/worker_get_embeddings":
+            return httpx.Response(200, json=self.embed(payload))
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    def chunks(self, params: dict) -> list[dict]:
+        """The HF worker's chunks: cumulative text every 2 tokens, then a final duplicate."""
+        words = self.reply.split(" ")[: params["max_new_tokens"]]
+        finish = "length" if len(words) < len(self.reply.split(" ")) else "stop"
+        prefix = params["prompt"] if params.get("echo", True) else ""
+        prompt_tokens = count_tokens(params["prompt"])
+        chunks = []
+        for i in range(1, len(words) + 1, 2):
+            text = prefix + " ".join(words[:i])
+            chunks.append(self.chunk(text, prompt_tokens, i - 1, None, params, i))
+        final = prefix + " ".join(words)
+        chunks.append(self.chunk(final, prompt_tokens, len(words) - 1, self.finish_reason or finish, params, len(words)))
+        if self.error_chunk_after is not None:
+            error = {"text": "**NETWORK ERROR DUE TO HIGH TRAFFIC.**\n\n(injected)", "error_code": self.error_code}
+            chunks = chunks[: self.error_chunk_after] + [error]
+        return chunks
+
+    def chunk(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str | None, params: dict, n_tokens: int) -> dict:
+        logprobs = None
+        if params.get("logprobs") is not None:
+            tokens = (" ".join(self.reply.split(" ")[:n_tokens])).split(" ")
+            logprobs = {"text_offset": list(range(len(tokens))), "tokens": tokens,
+                        "token_logprobs": [-0.5] * len(tokens), "top_logprobs": [{}] * len(tokens)}
+        return {"text": text, "error_code": 0,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "finish_reason": finish, "logprobs": logprobs}
+
+    async def stream(self, params: dict) -> AsyncIterator[bytes]:
+        closed = False
+        self.stream_closed.append(closed)
+        index = len(self.stream_closed) - 1
+        try:
+            for chunk in self.chunks(params):
+                data = json.dumps(chunk).encode() + b"\0"
+                # Split each chunk across two reads, as TCP may.
+                yield data[: len(data) // 2]
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                yield data[len(data) // 2:]
+        finally:
+            self.stream_closed[index] = True
+
+    def embed(self, params: dict) -> dict:
+        inputs = params["input"]
+        assert isinstance(inputs, list), "a bare string input crashes the real worker"
+        vectors = [[float(len(text)), 0.5] for text in inputs]
+        if params.get("encoding_format") == "base64":
+            vectors = [base64.b64encode(struct.pack("<2f", *v)).decode() for v in vectors]
+        return {"embedding": vectors, "token_num": sum(count_tokens(text) for text in inputs)}
+
+
+def count_tokens(prompt: str) -> int:
+    """Words plus a BOS token: never more than the prompt's UTF-8 length plus one."""
+    return len(prompt.split()) + 1

@@ -1,0 +1,20 @@
+"""Reading server-sent events in tests."""
+from __future__ import annotations
+
+import json
+
+
+def parse_sse(raw: bytes) -> list:
+    """The events' payloads in order: parsed JSON, or the string "[DONE]"."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def read_stream(response) -> bytes:
+    return b"".join([part async for part in response.streaming_content])

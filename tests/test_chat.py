@@ -1,0 +1,70 @@
+"""POST /v1/chat/completions against FakeFastChat."""
+from __future__ import annotations
+
+from tests.base import GatewayTestCase
+from tests.sse import parse_sse, read_stream
+
+URL = "/v1/chat/completions"
+
+
+def chat(**fields):
+    return {"model": "m1", "messages": [{"role": "user", "content": "Hi there"}], **fields}
+
+
+class ChatCompletionTests(GatewayTestCase):
+    async def test_it_answers_with_the_workers_text(self):
+        response = await self.post(URL, chat())
+        self.assertEqual(response.status_code, 200, response.content)
+        body = response.json()
+        self.assertEqual(body["object"], "chat.completion")
+        self.assertTrue(body["id"].startswith("chatcmpl-"))
+        self.assertEqual(body["choices"][0]["message"], {"role": "assistant", "content": self.fake.reply})
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(body["usage"]["total_tokens"], body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"])
+        self.assertTrue(response["X-Request-ID"])
+
+    async def test_it_sends_fastchats_prompt_and_params(self):
+        await self.post(URL, chat(messages=[{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hi there"},
+                                            {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "again"}],
+                                  max_tokens=10, stop="END"))
+        params = self.fake.payloads("/worker_generate")[0]
+        self.assertEqual(params["prompt"], "SYS USER: Hi there ASSISTANT: Yo</s>USER: again ASSISTANT:")
+        self.assertEqual(list(params), ["model", "prompt", "temperature", "logprobs", "top_p", "top_k", "presence_penalty",
+                                        "frequency_penalty", "max_new_tokens", "echo", "stop_token_ids", "stop"])
+        self.assertEqual(params["max_new_tokens"], 10)
+        self.assertIs(params["echo"], False)
+        self.assertEqual(params["stop"], ["END"])
+
+    async def test_it_makes_three_upstream_calls_per_request_when_warm(self):
+        await self.post(URL, chat(max_tokens=5))
+        self.fake.calls.clear()
+        response = await self.post(URL, chat(max_tokens=5))
+        self.assertEqual(response.status_code, 200)
+        self.assertLessEqual(len(self.fake.calls), 3, self.fake.paths())
+        self.assertEqual(self.fake.paths(), ["/get_worker_address", "/worker_generate"])
+
+    async def test_it_counts_tokens_when_max_tokens_is_missing(self):
+        self.fake.context_length = 64
+        await self.post(URL, chat())
+        params = self.fake.payloads("/worker_generate")[0]
+        prompt_tokens = len(params["prompt"].split()) + 1
+        self.assertEqual(params["max_new_tokens"], 64 - prompt_tokens)
+
+    async def test_it_streams_complete_chunks(self):
+        response = await self.post(URL, chat(stream=True, stream_options={"include_usage": True}))
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response["Content-Type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(response["Cache-Control"], "no-cache")
+        self.assertEqual(response["X-Accel-Buffering"], "no")
+        events = parse_sse(await read_stream(response))
+        self.assertEqual(events[-1], "[DONE]")
+        chunks = events[:-1]
+        for chunk in chunks:
+            self.assertEqual(set(chunk) - {"usage"}, {"id", "object", "created", "model", "choices"})
+            self.assertEqual(chunk["object"], "chat.completion.chunk")
+        self.assertEqual(chunks[0]["choices"][0]["delta"]["role"], "assistant")
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        self.assertEqual(text, self.fake.reply)
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertGreater(chunks[-1]["usage"]["completion_tokens"], 0)
