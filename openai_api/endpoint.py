@@ -6,12 +6,13 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from openai_api.auth import authenticate
 from openai_api.context import RequestContext
-from openai_api.errors import MethodNotAllowedError, OpenAIError, error_body
+from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
 from openai_api.protocol import parse_json_body
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
 
 
 def read_json(request: HttpRequest) -> dict[str, Any]:
-    return parse_json_body(request.body)
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise PayloadTooLargeError() from None
+    return parse_json_body(raw)
 
 
 async def started(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

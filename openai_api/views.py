@@ -152,7 +152,7 @@ async def ready(request: HttpRequest) -> HttpResponse:
     return json_response({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)
 
 
-async def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     exc = NotFoundError(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
     return json_response(error_body(exc), status=404)
 

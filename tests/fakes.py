@@ -89,7 +89,7 @@ class FakeFastChat:
         if path == "/worker_generate":
             return httpx.Response(200, json=self.chunks(payload)[-1])
         if path == "/worker_generate_stream":
-            return httpx.Response(200, content=self.stream(payload))
+            return httpx.Response(200, stream=ClosableStream(self.stream(payload), self.stream_closed))
         if path == "/worker_get_embeddings":
             return httpx.Response(200, json=self.embed(payload))
         return httpx.Response(404, json={"detail": "Not Found"})
@@ -123,19 +123,13 @@ class FakeFastChat:
                 "finish_reason": finish, "logprobs": logprobs}
 
     async def stream(self, params: dict) -> AsyncIterator[bytes]:
-        closed = False
-        self.stream_closed.append(closed)
-        index = len(self.stream_closed) - 1
-        try:
-            for chunk in self.chunks(params):
-                data = json.dumps(chunk).encode() + b"\0"
-                # Split each chunk across two reads, as TCP may.
-                yield data[: len(data) // 2]
-                if self.chunk_delay:
-                    await asyncio.sleep(self.chunk_delay)
-                yield data[len(data) // 2:]
-        finally:
-            self.stream_closed[index] = True
+        for chunk in self.chunks(params):
+            data = json.dumps(chunk).encode() + b"\0"
+            # Split each chunk across two reads, as TCP may.
+            yield data[: len(data) // 2]
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            yield data[len(data) // 2:]
 
     def embed(self, params: dict) -> dict:
         inputs = params["input"]
@@ -144,6 +138,24 @@ class FakeFastChat:
         if params.get("encoding_format") == "base64":
             vectors = [base64.b64encode(struct.pack("<2f", *v)).decode() for v in vectors]
         return {"embedding": vectors, "token_num": sum(count_tokens(text) for text in inputs)}
+
+
+class ClosableStream(httpx.AsyncByteStream):
+    """A response body that records, in `closed_flags`, whether the gateway closed it."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], closed_flags: list[bool]):
+        self.chunks = chunks
+        self.closed_flags = closed_flags
+        self.index = len(closed_flags)
+        closed_flags.append(False)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.closed_flags[self.index] = True
+        await self.chunks.aclose()
 
 
 def count_tokens(prompt: str) -> int:

@@ -97,6 +97,7 @@ def test_it_stops_after_its_sentence(client: httpx.Client) -> None:
 
 
 def test_it_reports_one_completion_token_less_at_the_length_limit(client: httpx.Client) -> None:
+    configure(client, reply_words=20)
     result = generate(client, echo=False, max_new_tokens=16)
 
     assert result["usage"] == {"prompt_tokens": 5, "completion_tokens": 15, "total_tokens": 20}

@@ -1,0 +1,79 @@
+"""Start the gateway itself as a real server process (daphne or uvicorn) for end-to-end tests."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.procs import REPO_ROOT, free_port, start_process, stop_process, wait_for_port
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Gateway:
+    """A running gateway: its URL, its environment (database, controller) and its process."""
+
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def manage(self, *args: str) -> str:
+        """Run a management command against this gateway's database; return its stdout."""
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=self.env,
+            capture_output=True, text=True, check=True,
+        )
+        return result.stdout
+
+    def create_key(self, name: str = "e2e", *args: str) -> str:
+        """A new key's plaintext: the last line create_api_key prints."""
+        return self.manage("create_api_key", name, *args).strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def gateway_env(tmp_path: Path, controller_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "gateway_project.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'gateway.sqlite3'}",
+        "CONTROLLER_ADDRESS": controller_url,
+        **(extra or {}),
+    }
+
+
+def start_gateway(tmp_path: Path, controller_url: str, server: str = "daphne",
+                  extra_env: Mapping[str, str] | None = None) -> Gateway:
+    """Migrate a fresh SQLite database, then serve the gateway on a free port."""
+    gateway = Gateway(port=free_port(), env=gateway_env(tmp_path, controller_url, extra_env),
+                      log_path=tmp_path / f"gateway-{server}.log")
+    gateway.manage("migrate", "--noinput")
+    if server == "daphne":
+        args = [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(gateway.port), "gateway_project.asgi:application"]
+    else:
+        args = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(gateway.port), "--loop", "uvloop",
+                "--http", "httptools", "--lifespan", "off", "--no-access-log", "gateway_project.asgi:application"]
+    gateway.proc = start_process(args, env=gateway.env, log_path=gateway.log_path)
+    try:
+        wait_for_port(gateway.port, timeout=20)
+    except TimeoutError:
+        gateway.stop()
+        raise
+    return gateway

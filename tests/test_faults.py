@@ -1,0 +1,85 @@
+"""Upstream faults: no worker, worker down, timeouts, worker errors, errors mid-stream, disconnects."""
+from __future__ import annotations
+
+import json
+
+import httpx
+from asgiref.testing import ApplicationCommunicator
+from django.core.asgi import get_asgi_application
+
+from tests.base import GatewayTestCase
+from tests.sse import parse_sse, read_stream
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+class FaultTests(GatewayTestCase):
+    async def test_no_worker_gives_503(self):
+        self.fake.no_worker = True
+        self.assertError(await self.post(CHAT, BODY), 503, code=50005)
+
+    async def test_a_refused_connection_is_retried_then_gives_503(self):
+        self.fake.worker_error = httpx.ConnectError
+        body = self.assertError(await self.post(CHAT, BODY), 503, code="worker_unreachable")
+        self.assertIn("could be reached", body["message"])
+        self.assertEqual(self.fake.paths().count("/get_worker_address"), 3)
+
+    async def test_a_controller_that_is_down_gives_503(self):
+        self.fake.controller_error = httpx.ConnectError
+        self.assertError(await self.post(CHAT, BODY), 503, code="controller_unreachable")
+
+    async def test_a_worker_timeout_gives_504(self):
+        self.fake.worker_error = httpx.ReadTimeout
+        self.assertError(await self.post(CHAT, BODY), 504, code=50006)
+
+    async def test_a_worker_http_error_gives_502(self):
+        self.fake.generate_status = 500
+        self.assertError(await self.post(CHAT, BODY), 502, code=50001)
+        self.assertError(await self.post(CHAT, {**BODY, "stream": True}), 502, code=50001)
+
+    async def test_a_worker_error_chunk_gives_502_with_its_text(self):
+        self.fake.error_chunk_after = 0
+        body = self.assertError(await self.post(CHAT, BODY), 502)
+        self.assertIn("injected", body["message"])
+
+    async def test_an_error_before_the_first_token_is_a_plain_http_error(self):
+        self.fake.error_chunk_after = 0
+        self.assertError(await self.post(CHAT, {**BODY, "stream": True}), 502)
+
+    async def test_an_error_mid_stream_gives_one_error_event_then_done(self):
+        self.fake.error_chunk_after = 2
+        response = await self.post(CHAT, {**BODY, "stream": True})
+        self.assertEqual(response.status_code, 200)
+        events = parse_sse(await read_stream(response))
+        self.assertEqual(events[-1], "[DONE]")
+        errors = [event for event in events if isinstance(event, dict) and "error" in event]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(events[-2], errors[0])
+        self.assertEqual(errors[0]["error"]["type"], "server_error")
+        self.assertIn("injected", errors[0]["error"]["message"])
+        self.assertEqual(self.fake.stream_closed, [True])
+
+    async def test_a_client_disconnect_closes_the_upstream_stream_at_once(self):
+        # Warm the key cache: the ASGI handler's DB thread can't see this test's transaction.
+        self.assertEqual((await self.get("/v1/models")).status_code, 200)
+        self.fake.chunk_delay = 0.05
+        app = get_asgi_application()
+        body = json.dumps({**BODY, "stream": True}).encode()
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"",
+            "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+            "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                        (b"authorization", f"Bearer {self.plaintext}".encode())],
+        }
+        communicator = ApplicationCommunicator(app, scope)
+        await communicator.send_input({"type": "http.request", "body": body})
+        start = await communicator.receive_output(timeout=5)
+        self.assertEqual(start["status"], 200)
+        first = await communicator.receive_output(timeout=5)
+        self.assertIn(b"assistant", first["body"])
+        self.assertEqual(self.fake.stream_closed, [False])
+        await communicator.send_input({"type": "http.disconnect"})
+        await communicator.wait(timeout=1)
+        self.assertEqual(self.fake.stream_closed, [True])
