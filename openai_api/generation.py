@@ -41,7 +41,7 @@ async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str
 
 def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: int, stop: list[str],
                   stop_token_ids: list[int] | None, *, echo: bool = False, logprobs: int | None = None,
-                  **extra: Any) -> dict[str, Any]:
+                  repetition_penalty: float | None = None, **extra: Any) -> dict[str, Any]:
     """The generate payload, in FastChat's key order. Every value the worker reads is sent
     explicitly: a missing or null one can crash it and leak its slot (FASTCHAT_REFERENCE 22)."""
     params = {
@@ -59,6 +59,8 @@ def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: i
     }
     params.update({name: value for name, value in extra.items() if value is not None})
     params["stop"] = stop
+    if repetition_penalty is not None:
+        params["repetition_penalty"] = repetition_penalty
     if sampling.seed is not None:
         params["seed"] = sampling.seed
     return params
