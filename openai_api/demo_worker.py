@@ -31,9 +31,7 @@ from aiohttp import web
 logger = logging.getLogger("demo_worker")
 
 # fastchat.constants, copied so that importing this module stays cheap.
-SERVER_ERROR_MSG = (
-    "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
-)
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 INTERNAL_ERROR = 50001
 
 BOS_ID, EOS_ID, WORD_ID, FIRST_REPLY_ID = 1, 2, 3, 1000
@@ -62,8 +60,8 @@ def count_tokens(text: str) -> int:
 
 def tokenize(prompt: str) -> list[Token]:
     """Split a prompt into BOS plus words; each piece carries the whitespace before it."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"text input must be of type str, not {type(prompt).__name__}")
+    if not isinstance(prompt, str):  # what an HF tokenizer raises
+        raise ValueError("text input must be of type `str` (single example)")
     tokens, start = [(BOS_ID, SPECIAL_PIECES[BOS_ID])], 0
     for match in WORD.finditer(prompt):
         tokens.append((WORD_ID, prompt[start : match.end()]))
@@ -156,6 +154,7 @@ async def generate_stream(
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield FastChat's raw outputs; its parameter reads and failure points are kept."""
     prompt = params["prompt"]
+    len_prompt = len(prompt)
     float(params.get("temperature", 1.0))  # read like the HF worker so bad values fail alike
     float(params.get("repetition_penalty", 1.0))
     float(params.get("top_p", 1.0))
@@ -189,10 +188,8 @@ async def generate_stream(
             shown = output_tokens if echo else output_tokens[prompt_len:]
             output = decode(shown)
             if logprobs is not None:
-                ret_logprobs = logprobs_of(
-                    shown, token_logprobs if echo else token_logprobs[prompt_len:]
-                )
-            rfind_start = len(prompt) if echo else 0
+                ret_logprobs = logprobs_of(shown, token_logprobs if echo else token_logprobs[prompt_len:])
+            rfind_start = len_prompt if echo else 0
             output, cut, partially_stopped = apply_stop(output, stop, rfind_start)
             stopped = stopped or cut
             if not partially_stopped:
@@ -202,9 +199,7 @@ async def generate_stream(
     yield raw_output(output, ret_logprobs, prompt_len, i, "stop" if stopped else "length")
 
 
-def raw_output(
-    text: str, logprobs: Any, prompt_tokens: int, i: int, finish_reason: str | None
-) -> dict[str, Any]:
+def raw_output(text: str, logprobs: Any, prompt_tokens: int, i: int, finish_reason: str | None) -> dict[str, Any]:
     """Build one output of generate_stream; ``completion_tokens`` is the 0-based index."""
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": i, "total_tokens": prompt_tokens + i}
     return {"text": text, "logprobs": logprobs, "usage": usage, "finish_reason": finish_reason}
@@ -397,9 +392,7 @@ class DemoWorker:
             abort_connection(request)
         return response
 
-    async def write_chunks(
-        self, request: web.Request, response: web.StreamResponse, params: Params
-    ) -> None:
+    async def write_chunks(self, request: web.Request, response: web.StreamResponse, params: Params) -> None:
         """Write NUL-delimited chunks, honouring ``crash_after_chunks``."""
         crash_after = self.settings.crash_after_chunks
         chunks = generate_stream_gate(params, self.settings, self.options.stream_interval)
@@ -560,7 +553,7 @@ async def register(session: aiohttp.ClientSession, worker: DemoWorker) -> None:
                 response.raise_for_status()
             logger.info("registered with %s", options.controller_address)
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             logger.warning("registration failed (%s); retrying", exc)
             await asyncio.sleep(1.0)
 
@@ -573,7 +566,7 @@ async def heart_beat(session: aiohttp.ClientSession, worker: DemoWorker) -> bool
         try:
             async with session.post(url, json=data) as response:
                 return bool((await response.json(content_type=None))["exist"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, TypeError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
             logger.warning("heart beat error: %s", exc)
         await asyncio.sleep(min(5.0, worker.options.heartbeat_interval))
 
@@ -628,9 +621,7 @@ def positive_int(text: str) -> int:
 async def serve(options: argparse.Namespace) -> None:
     """Listen, then register and heartbeat, until SIGINT or SIGTERM."""
     worker = DemoWorker(options)
-    runner = web.AppRunner(
-        worker.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-    )
+    runner = web.AppRunner(worker.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.25)
     await runner.setup()
     await web.TCPSite(runner, options.host, options.port, backlog=1024).start()
     logger.info("serving %s on %s", ",".join(options.model_names), options.worker_address)

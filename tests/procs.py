@@ -47,11 +47,9 @@ def start_process(
     with stop_process().
     """
     full_env = {**os.environ, **(env or {})}
-    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    output = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(
-            args, cwd=REPO_ROOT, env=full_env, stdout=output, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=full_env, stdout=output, stderr=subprocess.STDOUT)
     finally:
         if log_path:
             output.close()  # the child holds its own descriptor
