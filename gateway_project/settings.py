@@ -169,3 +169,10 @@ LOGGING = {
     # httpx logs every upstream request at INFO: noise, and work on the hot path.
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
+
+# Usage recording (keys/usage.py)
+USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 0.5)
+USAGE_BATCH_SIZE = env_int("USAGE_BATCH_SIZE", 500)
+# Tests write usage on their own thread (the test database lives in one transaction).
+USAGE_WRITER_THREAD = env_bool("USAGE_WRITER_THREAD", "True")
+USAGE_RETENTION_DAYS = env_int("USAGE_RETENTION_DAYS", 90)

@@ -43,6 +43,10 @@ class APIKey(models.Model):
     parallel_requests = models.PositiveIntegerField(null=True, blank=True)
     token_budget = models.PositiveBigIntegerField(null=True, blank=True)
     budget_period = models.CharField(max_length=5, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
+    user = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="api_keys",
+        help_text="A staff user's key may also call the key-management API (/api/keys/).",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = APIKeyManager()
@@ -67,3 +71,53 @@ class APIKey(models.Model):
     @staticmethod
     def expiry_in_days(days: int | None):
         return timezone.now() + timedelta(days=days) if days else None
+
+
+class UsageRecord(models.Model):
+    """One narrow row per API request (SPEC.md 5), written in batches off the request path."""
+
+    key = models.ForeignKey(APIKey, on_delete=models.CASCADE, related_name="usage")
+    model = models.CharField(max_length=200, blank=True)
+    endpoint = models.CharField(max_length=100)
+    request_id = models.CharField(max_length=128)
+    status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(default=0)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    streamed = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["key", "created_at"]),
+            models.Index(fields=["created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model} {self.status}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UsageDaily(models.Model):
+    """Daily roll-up per key and model, so dashboards stay fast with millions of usage rows."""
+
+    key = models.ForeignKey(APIKey, on_delete=models.CASCADE, related_name="daily_usage")
+    model = models.CharField(max_length=200, blank=True)
+    day = models.DateField()
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "model", "day"], name="one_rollup_per_key_model_day")]
+        indexes = [models.Index(fields=["day"])]
+        verbose_name_plural = "daily usage"
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model}"

@@ -17,6 +17,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from keys.hashing import hash_key
+from keys.limits import Limits
 from keys.models import APIKey
 from openai_api.errors import AuthenticationError, PermissionDeniedError
 
@@ -52,6 +53,11 @@ class KeyInfo:
 
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.id, self.requests_per_minute, self.tokens_per_minute, self.parallel_requests,
+                      self.token_budget, self.budget_period)
 
 
 def load_key(digest: str) -> KeyInfo | None:

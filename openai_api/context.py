@@ -21,6 +21,7 @@ class RequestContext:
     completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    lease: Any = None
     finished: bool = False
     on_finish: list[Callable[["RequestContext"], None]] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from openai_api.accounting import record_usage
 from openai_api.auth import authenticate
 from openai_api.context import RequestContext
 from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
@@ -38,6 +39,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             ctx = RequestContext(request_id=getattr(request, "request_id", ""), endpoint=request.path)
             request.ctx = ctx
+            response = None
             try:
                 if request.method not in methods:
                     raise MethodNotAllowedError(
@@ -46,6 +48,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
                     )
                 if authenticated:
                     ctx.key = await authenticate(request)
+                    ctx.on_finish.append(record_usage)
                 response = await view(request, *args, **kwargs)
             except OpenAIError as exc:
                 response = error_response(exc)
@@ -54,6 +57,12 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
                 logger.exception("Unhandled error in %s (request %s)", request.path, ctx.request_id)
                 response = error_response(OpenAIError())
                 ctx.error_code = "internal_error"
+            finally:
+                if response is None:  # cancelled: the client went away before the answer
+                    ctx.finish(499, "client_disconnected")
+            if ctx.lease is not None:
+                for name, value in ctx.lease.headers.items():
+                    response.headers.setdefault(name, value)
             if not isinstance(response, StreamingHttpResponse):
                 ctx.finish(response.status_code)
             return response
@@ -68,7 +77,11 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
         raw = request.body
     except RequestDataTooBig:
         raise PayloadTooLargeError() from None
-    return parse_json_body(raw)
+    body = parse_json_body(raw)
+    model = body.get("model")
+    if isinstance(model, str):
+        request.ctx.model = model  # so even a refused request's usage row names its model
+    return body
 
 
 async def started(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -80,8 +93,11 @@ async def started(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     first = await anext(events)
 
     async def relay() -> AsyncIterator[bytes]:
-        yield first
-        async for event in events:
-            yield event
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     return relay()

@@ -131,6 +131,10 @@ class RateLimitError(OpenAIError):
     default_message = "Rate limit reached. Please retry later."
 
 
+class TokenRateLimitError(RateLimitError):
+    error_type = "tokens"
+
+
 class QuotaExceededError(RateLimitError):
     error_type = "insufficient_quota"
     code = "insufficient_quota"

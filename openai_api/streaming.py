@@ -32,8 +32,25 @@ def sse_error(exc: BaseException) -> bytes:
     return sse_event(error_body(exc))
 
 
+class EventStreamResponse(StreamingHttpResponse):
+    """A streaming response that closes its event generator when the server stops reading.
+
+    Django's ASGI handler closes the iterator it reads (`aclosing(aiter(response))`), but the
+    base class relays through a wrapper that leaves the original generator suspended; closing
+    it here runs its `finally` (upstream close, usage, limits) at once.
+    """
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        events = self._iterator
+        try:
+            async for part in events:
+                yield part
+        finally:
+            await events.aclose()
+
+
 def sse_response(events: AsyncIterator[bytes]) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(events, content_type="text/event-stream; charset=utf-8")
+    response = EventStreamResponse(events, content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response

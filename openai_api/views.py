@@ -8,6 +8,7 @@ import shortuuid
 from django.http import HttpRequest, HttpResponse
 
 from openai_api import chat, completions, embeddings as embeddings_api, protocol
+from openai_api.accounting import admit
 from openai_api.auth import require_model_access
 from openai_api.backend import Backend, get_backend
 from openai_api.endpoint import api_endpoint, json_response, read_json, started
@@ -16,8 +17,9 @@ from openai_api.streaming import sse_response
 from openai_api.tokens import as_texts
 
 
-async def authorise_model(request: HttpRequest, backend: Backend, model: str) -> None:
-    """403 if the key may not use `model`, 404 (FastChat's message) if no worker serves it."""
+async def admit_model(request: HttpRequest, backend: Backend, model: str) -> None:
+    """403 if the key may not use `model`, 404 (FastChat's message) if no worker serves it,
+    429 if the key's limits refuse the request."""
     key = request.ctx.key
     request.ctx.model = model
     require_model_access(key, model)
@@ -26,6 +28,7 @@ async def authorise_model(request: HttpRequest, backend: Backend, model: str) ->
         raise ModelNotFoundError(
             f"Only {'&&'.join(visible)} allowed now, your model {model}", param="model",
         )
+    await admit(request.ctx)
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -59,7 +62,7 @@ async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
 async def chat_response(request: HttpRequest, fastchat_extras: bool) -> HttpResponse:
     body = protocol.parse_chat(read_json(request), fastchat_extras=fastchat_extras)
     backend = get_backend()
-    await authorise_model(request, backend, body.model)
+    await admit_model(request, backend, body.model)
     request.ctx.streamed = body.sampling.stream
     if body.sampling.stream:
         streams = await chat.open_chat_streams(backend, body)
@@ -82,7 +85,7 @@ async def fastchat_chat_completions(request: HttpRequest) -> HttpResponse:
 async def completions_view(request: HttpRequest) -> HttpResponse:
     body = protocol.parse_completion(read_json(request))
     backend = get_backend()
-    await authorise_model(request, backend, body.model)
+    await admit_model(request, backend, body.model)
     prompts = await as_texts(body.model, body.prompts, "prompt")
     request.ctx.streamed = body.sampling.stream
     if body.sampling.stream:
@@ -95,7 +98,7 @@ async def completions_view(request: HttpRequest) -> HttpResponse:
 async def embeddings(request: HttpRequest, model_name: str | None = None) -> HttpResponse:
     body = protocol.parse_embeddings(read_json(request), path_model=model_name)
     backend = get_backend()
-    await authorise_model(request, backend, body.model)
+    await admit_model(request, backend, body.model)
     inputs = await as_texts(body.model, body.inputs, "input")
     return json_response(await embeddings_api.create_embeddings(backend, body, inputs, request.ctx))
 

@@ -7,7 +7,9 @@ from typing import Any
 from django.test import TestCase, override_settings
 from django.utils import timezone
 
+from keys.limits import reset_limit_store
 from keys.models import APIKey
+from keys.usage import usage_writer
 from openai_api.auth import key_cache
 from openai_api.backend import reset_backend
 from openai_api.client import reset_http_client
@@ -27,8 +29,12 @@ class GatewayTestCase(TestCase):
         reset_backend()
         reset_http_client(self.fake.transport())
         key_cache.clear()
+        reset_limit_store()
+        usage_writer.pending.clear()
 
     def tearDown(self) -> None:
+        usage_writer.pending.clear()
+        reset_limit_store()
         reset_http_client()
         reset_backend()
         key_cache.clear()

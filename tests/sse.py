@@ -17,4 +17,5 @@ def parse_sse(raw: bytes) -> list:
 
 
 async def read_stream(response) -> bytes:
-    return b"".join([part async for part in response.streaming_content])
+    """The whole body, read the way Django's ASGI handler reads it."""
+    return b"".join([part async for part in response])

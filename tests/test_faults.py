@@ -1,12 +1,9 @@
 """Upstream faults: no worker, worker down, timeouts, worker errors, errors mid-stream, disconnects."""
 from __future__ import annotations
 
-import json
-
 import httpx
-from asgiref.testing import ApplicationCommunicator
-from django.core.asgi import get_asgi_application
 
+from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
 
@@ -64,22 +61,6 @@ class FaultTests(GatewayTestCase):
         # Warm the key cache: the ASGI handler's DB thread can't see this test's transaction.
         self.assertEqual((await self.get("/v1/models")).status_code, 200)
         self.fake.chunk_delay = 0.05
-        app = get_asgi_application()
-        body = json.dumps({**BODY, "stream": True}).encode()
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"",
-            "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
-            "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
-                        (b"authorization", f"Bearer {self.plaintext}".encode())],
-        }
-        communicator = ApplicationCommunicator(app, scope)
-        await communicator.send_input({"type": "http.request", "body": body})
-        start = await communicator.receive_output(timeout=5)
-        self.assertEqual(start["status"], 200)
-        first = await communicator.receive_output(timeout=5)
-        self.assertIn(b"assistant", first["body"])
-        self.assertEqual(self.fake.stream_closed, [False])
-        await communicator.send_input({"type": "http.disconnect"})
-        await communicator.wait(timeout=1)
+        parts = await stream_then_disconnect(CHAT, {**BODY, "stream": True}, self.auth, body_messages=2)
+        self.assertIn(b"assistant", parts[0])
         self.assertEqual(self.fake.stream_closed, [True])

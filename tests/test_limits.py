@@ -1,0 +1,125 @@
+"""Per-key limits through the API (memory store) and the store's own contract."""
+from __future__ import annotations
+
+import httpx
+
+from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store
+from keys.models import APIKey
+from openai_api.auth import key_cache
+from openai_api.errors import QuotaExceededError, RateLimitError
+from tests.asgi import stream_then_disconnect
+from tests.base import GatewayTestCase
+from tests.sse import read_stream
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+class ApiLimitTests(GatewayTestCase):
+    async def limit(self, **fields) -> None:
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(**fields)
+        key_cache.clear()
+
+    async def test_requests_per_minute_give_429_with_headers(self):
+        await self.limit(requests_per_minute=3)
+        statuses = [(await self.post(CHAT, BODY)) for _ in range(5)]
+        self.assertEqual([r.status_code for r in statuses], [200, 200, 200, 429, 429])
+        self.assertEqual(statuses[0]["x-ratelimit-limit-requests"], "3")
+        self.assertEqual(statuses[0]["x-ratelimit-remaining-requests"], "2")
+        refused = statuses[3]
+        body = self.assertError(refused, 429, code="rate_limit_exceeded")
+        self.assertEqual(body["code"], 42901)
+        self.assertEqual(refused["x-ratelimit-remaining-requests"], "0")
+        self.assertGreaterEqual(int(refused["Retry-After"]), 1)
+        self.assertIn("x-ratelimit-reset-requests", refused)
+
+    async def test_an_exhausted_budget_is_insufficient_quota(self):
+        await self.limit(token_budget=5, budget_period="day")
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)  # uses more than 5 tokens
+        refused = await self.post(CHAT, BODY)
+        body = self.assertError(refused, 429, code="insufficient_quota")
+        self.assertEqual(body["error"]["type"], "insufficient_quota")
+        self.assertEqual(refused["x-should-retry"], "false")
+
+    async def test_tokens_per_minute_count_what_requests_used(self):
+        await self.limit(tokens_per_minute=5)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        refused = await self.post(CHAT, BODY)
+        body = self.assertError(refused, 429)
+        self.assertEqual(body["error"]["type"], "tokens")
+        self.assertEqual(refused["x-ratelimit-remaining-tokens"], "0")
+
+    async def test_parallel_slots_are_released_on_every_path(self):
+        await self.limit(parallel_requests=1)
+        store = get_limit_store()
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        self.fake.worker_error = httpx.ReadTimeout
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 504)
+        self.fake.worker_error = None
+        self.fake.error_chunk_after = 2
+        response = await self.post(CHAT, {**BODY, "stream": True})
+        await read_stream(response)
+        self.fake.error_chunk_after = None
+        self.assertEqual(store.parallel_in_use(self.key.pk), 0)
+        # A stream abandoned by its client.
+        self.fake.chunk_delay = 0.05
+        await stream_then_disconnect(CHAT, {**BODY, "stream": True}, self.auth, body_messages=2)
+        self.assertEqual(self.fake.stream_closed[-1], True)
+        self.assertEqual(store.parallel_in_use(self.key.pk), 0)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+    async def test_keys_without_limits_get_no_headers(self):
+        response = await self.post(CHAT, BODY)
+        self.assertNotIn("x-ratelimit-limit-requests", response)
+
+
+class MemoryStoreTests(GatewayTestCase):
+    def setUp(self):
+        super().setUp()
+        self.now = 1000.0
+        self.store = MemoryLimitStore(clock=lambda: self.now, load_budget_used=self.budget_used)
+        self.used = 0
+
+    async def budget_used(self, limits):
+        return self.used
+
+    async def test_the_request_window_slides(self):
+        limits = Limits(1, requests_per_minute=2)
+        await self.store.acquire(limits)
+        self.now += 30
+        await self.store.acquire(limits)
+        with self.assertRaises(RateLimitError) as refused:
+            await self.store.acquire(limits)
+        self.assertEqual(refused.exception.headers["Retry-After"], "30")
+        self.now += 30.5
+        await self.store.acquire(limits)
+
+    async def test_tokens_leave_the_window_after_a_minute(self):
+        limits = Limits(1, tokens_per_minute=100)
+        lease = await self.store.acquire(limits)
+        await self.store.release(lease, 100)
+        with self.assertRaises(RateLimitError):
+            await self.store.acquire(limits)
+        self.now += 61
+        await self.store.acquire(limits)
+
+    async def test_the_budget_starts_from_the_database_usage(self):
+        self.used = 90
+        limits = Limits(1, token_budget=100, budget_period="month")
+        lease = await self.store.acquire(limits)
+        await self.store.release(lease, 10)
+        with self.assertRaises(QuotaExceededError):
+            await self.store.acquire(limits)
+
+    async def test_a_lease_is_released_once(self):
+        limits = Limits(1, parallel_requests=1)
+        lease = await self.store.acquire(limits)
+        await self.store.release(lease, 0)
+        await self.store.release(lease, 0)
+        self.assertEqual(self.store.parallel_in_use(1), 0)
+        await self.store.acquire(limits)
+        with self.assertRaises(RateLimitError):
+            await self.store.acquire(limits)
+
+    def test_reset_times_use_openais_format(self):
+        self.assertEqual([format_reset(s) for s in (0.02, 1.5, 360)], ["20ms", "1.5s", "6m0s"])

@@ -1,0 +1,81 @@
+"""Usage rows: one per request, written in batches off the request path, with roll-ups."""
+from __future__ import annotations
+
+from datetime import timedelta
+from unittest import mock
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from keys import usage
+from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.usage import usage_writer
+from tests.asgi import stream_then_disconnect
+from tests.base import GatewayTestCase
+from tests.sse import read_stream
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+flush = sync_to_async(usage_writer.flush)
+
+
+class UsageTests(GatewayTestCase):
+    async def test_each_request_queues_one_event_and_writes_nothing_itself(self):
+        await self.post(CHAT, BODY)
+        self.assertEqual(len(usage_writer.pending), 1)
+        self.assertEqual(await UsageRecord.objects.acount(), 0)
+
+    async def test_rows_carry_tokens_status_and_request_id(self):
+        response = await self.post(CHAT, BODY)
+        body = response.json()
+        await self.post(CHAT, {**BODY, "temperature": 9})
+        self.assertEqual(await flush(), 2)
+        ok, bad = [r async for r in UsageRecord.objects.order_by("id")]
+        self.assertEqual((ok.key_id, ok.model, ok.endpoint, ok.status), (self.key.pk, "m1", CHAT, 200))
+        self.assertEqual(ok.request_id, response["X-Request-ID"])
+        self.assertEqual((ok.prompt_tokens, ok.completion_tokens), (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]))
+        self.assertFalse(ok.streamed)
+        self.assertEqual((bad.status, bad.error_code, bad.prompt_tokens), (400, "invalid_value", 0))
+        rollup = await UsageDaily.objects.aget(key=self.key, model="m1")
+        self.assertEqual((rollup.requests, rollup.errors), (2, 1))
+        self.assertEqual(rollup.prompt_tokens, ok.prompt_tokens)
+        self.assertIsNotNone((await APIKey.objects.aget(pk=self.key.pk)).last_used_at)
+
+    async def test_streams_are_recorded_with_their_tokens_and_time_to_first_token(self):
+        response = await self.post(CHAT, {**BODY, "stream": True, "stream_options": {"include_usage": True}})
+        await read_stream(response)
+        await flush()
+        row = await UsageRecord.objects.aget()
+        self.assertTrue(row.streamed)
+        self.assertEqual(row.status, 200)
+        self.assertGreater(row.completion_tokens, 0)
+        self.assertIsNotNone(row.ttft_ms)
+
+    async def test_a_disconnected_stream_is_recorded_with_the_tokens_produced(self):
+        await self.get("/v1/models")  # warm the key cache for the ASGI path
+        self.fake.reply = " ".join(f"w{i}" for i in range(40))
+        self.fake.chunk_delay = 0.05
+        await stream_then_disconnect(CHAT, {**BODY, "max_tokens": 40, "stream": True}, self.auth, body_messages=3)
+        await flush()
+        row = await UsageRecord.objects.aget(endpoint=CHAT, streamed=True)
+        self.assertEqual((row.status, row.error_code), (499, "client_disconnected"))
+        self.assertGreater(row.completion_tokens, 0)
+        self.assertLess(row.completion_tokens, 39)
+
+    async def test_a_failed_flush_keeps_its_events(self):
+        await self.post(CHAT, BODY)
+        with mock.patch.object(usage, "write_batch", side_effect=RuntimeError("database down")):
+            with self.assertRaises(RuntimeError):
+                await flush()
+        self.assertEqual(len(usage_writer.pending), 1)
+        self.assertEqual(await flush(), 1)
+        self.assertEqual(await UsageRecord.objects.acount(), 1)
+
+    async def test_old_rows_are_pruned_but_rollups_kept(self):
+        await self.post(CHAT, BODY)
+        await flush()
+        await UsageRecord.objects.aupdate(created_at=timezone.now() - timedelta(days=100))
+        self.assertEqual(await sync_to_async(usage.prune)(90), 1)
+        self.assertEqual(await UsageRecord.objects.acount(), 0)
+        self.assertEqual(await UsageDaily.objects.acount(), 1)
