@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test lint
+.PHONY: demo test install install-test system-deps lint
+
+# Services the tests use: Redis, nginx, Chromium (PostgreSQL 15 ships with the machine image;
+# it is installed too when missing). Debian packages; needs root, as on CI.
+SYSTEM_PACKAGES := redis-server nginx-light chromium postgresql-15
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +16,18 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 
-install-test: install
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	test -x /usr/lib/postgresql/15/bin/initdb || missing="$$missing postgresql-15"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+install-test: install system-deps
 	$(BIN)/pip install --quiet -r requirements-realworker.txt
 
 demo: install
