@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from openai_api.accounting import record_usage
+from openai_api.observability import observe
 from openai_api.auth import authenticate
 from openai_api.context import RequestContext
 from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
@@ -39,6 +40,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
         async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             ctx = RequestContext(request_id=getattr(request, "request_id", ""), endpoint=request.path)
             request.ctx = ctx
+            ctx.on_finish.append(observe)
             response = None
             try:
                 if request.method not in methods:

@@ -1,6 +1,7 @@
 from django.urls import path
 
 from openai_api import views
+from openai_api.observability import metrics_view
 
 urlpatterns = [
     path("v1/models", views.models),
@@ -13,4 +14,5 @@ urlpatterns = [
     path("api/v1/chat/completions", views.fastchat_chat_completions),
     path("health", views.health),
     path("health/ready", views.ready),
+    path("metrics", metrics_view),
 ]
