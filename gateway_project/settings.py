@@ -144,6 +144,10 @@ GATEWAY_MODEL_LIST_TTL = env_float("GATEWAY_MODEL_LIST_TTL", 5)
 GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
 # How long a key's state is trusted in process memory (revocations apply within this time).
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+# One JSON line per API request on the "gateway.access" logger.
+GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
+# When set, GET /metrics needs "Authorization: Bearer <this token>".
+GATEWAY_METRICS_TOKEN = env_secret("GATEWAY_METRICS_TOKEN")
 
 # CORS (FastChat's --allow-credentials/--allowed-origins/--allowed-methods/--allowed-headers)
 CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", ["*"])
