@@ -13,6 +13,7 @@ from datetime import datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -61,6 +62,7 @@ class KeyInfo:
 
 
 def load_key(digest: str) -> KeyInfo | None:
+    close_old_connections()  # this thread has no request cycle to recycle broken connections
     key = APIKey.objects.filter(hashed_key=digest).first()
     return KeyInfo.from_model(key) if key else None
 
