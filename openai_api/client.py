@@ -24,7 +24,7 @@ from openai_api.errors import (
     worker_error,
 )
 
-JSON_HEADERS = {"content-type": "application/json", "user-agent": "Django OpenAI Gateway"}
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway")]
 
 
 class WorkerUnreachableError(UpstreamUnavailableError):
@@ -33,31 +33,42 @@ class WorkerUnreachableError(UpstreamUnavailableError):
     code = "worker_unreachable"
 
 
-# One pooled client per event loop: aiohttp sessions are bound to the loop that made them.
-_http_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = (
+# One pooled transport per event loop: aiohttp sessions are bound to the loop that made them.
+# Requests go to the transport directly: httpx.AsyncClient's redirects, auth, cookies and URL
+# merging cost more CPU than the call itself here and are not needed for a known upstream.
+_transports: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport]" = (
     weakref.WeakKeyDictionary()
 )
 _test_transport: httpx.AsyncBaseTransport | None = None
 
 
-def get_http_client() -> httpx.AsyncClient:
-    """The process's pooled client for the running event loop, built on first use."""
+def get_transport() -> httpx.AsyncBaseTransport:
+    """The process's pooled transport for the running event loop, built on first use."""
     loop = asyncio.get_running_loop()
-    client = _http_clients.get(loop)
-    if client is None:
+    transport = _transports.get(loop)
+    if transport is None:
         transport = _test_transport or AiohttpTransport(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         )
-        client = httpx.AsyncClient(transport=transport, headers=JSON_HEADERS)
-        _http_clients[loop] = client
-    return client
+        _transports[loop] = transport
+    return transport
 
 
 def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None:
-    """Forget pooled clients; the next call builds one over `transport` (tests pass a fake)."""
+    """Forget pooled transports; the next call uses `transport` (tests pass a fake)."""
     global _test_transport
     _test_transport = transport
-    _http_clients.clear()
+    _transports.clear()
+
+
+async def post(url: str, content: bytes, timeout: httpx.Timeout) -> httpx.Response:
+    """POST and return the response with its body still unread (the caller closes it)."""
+    request = httpx.Request("POST", url, content=content, headers=JSON_HEADERS,
+                            extensions={"timeout": timeout.as_dict()})
+    try:
+        return await get_transport().handle_async_request(request)
+    except httpx.HTTPError as exc:
+        raise translate_transport_error(exc, url) from exc
 
 
 def translate_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamUnavailableError | UpstreamTimeoutError:
@@ -139,12 +150,7 @@ class FastChatClient:
     async def open_stream(self, address: str, params: dict[str, Any]) -> "WorkerStream":
         """Send a generate_stream request and wait for the worker's response headers."""
         url = address + "/worker_generate_stream"
-        client = get_http_client()
-        request = client.build_request("POST", url, content=orjson.dumps(params), timeout=self.worker_timeout)
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise translate_transport_error(exc, url) from exc
+        response = await post(url, orjson.dumps(params), self.worker_timeout)
         if response.status_code != 200:
             await response.aclose()
             raise UpstreamError(f"The worker answered HTTP {response.status_code} {response.reason_phrase}.")
@@ -167,14 +173,17 @@ class FastChatClient:
 
     async def _post(self, url: str, payload: dict | None, timeout: httpx.Timeout) -> Any:
         content = orjson.dumps(payload) if payload is not None else b""
+        response = await post(url, content, timeout)
         try:
-            response = await get_http_client().post(url, content=content, timeout=timeout)
+            body = await response.aread()
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, url) from exc
+        finally:
+            await response.aclose()
         if response.status_code != 200:
             raise UpstreamError(f"{url} answered HTTP {response.status_code} {response.reason_phrase}.")
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(f"{url} answered with invalid JSON.") from None
 
