@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
     "openai_api",
     "keys",
 ]
@@ -144,6 +145,8 @@ GATEWAY_MODEL_LIST_TTL = env_float("GATEWAY_MODEL_LIST_TTL", 5)
 GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
 # How long a key's state is trusted in process memory (revocations apply within this time).
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
+# On SIGTERM, streams still running after this many seconds end with an error event.
+GATEWAY_DRAIN_SECONDS = env_float("GATEWAY_DRAIN_SECONDS", 20)
 # One JSON line per API request on the "gateway.access" logger.
 GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
 # When set, GET /metrics needs "Authorization: Bearer <this token>".
@@ -157,11 +160,27 @@ CORS_ALLOW_CREDENTIALS = env_bool("CORS_ALLOW_CREDENTIALS")
 
 REDIS_URL = env_str("REDIS_URL")
 
+# The admin's live view (keys/live.py): Redis across processes, in-memory for one process.
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
 REST_FRAMEWORK = {
+    # The key-management API (keys/api.py): a staff user's bearer key first, so that
+    # unauthenticated requests get 401 with WWW-Authenticate; then the admin's session.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "keys.authentication.APIKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Gateway key-management API",
+    "DESCRIPTION": "API keys for the OpenAI endpoints: create, list, change limits, revoke, rotate, usage.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
 }
 
 LOGGING = {

@@ -125,7 +125,7 @@ def chat_completion_events(request: ChatRequest, streams: list[PrimedStream], ct
         await close_all(streams)
         ctx.finish(status, error_code)
 
-    return guarded(events(), on_end)
+    return guarded(events(), on_end, streams)
 
 
 def states_usage(states: list[TextDelta]) -> list[dict[str, Any]]:

@@ -126,4 +126,4 @@ def completion_events(request: CompletionRequest, streams: list[PrimedStream], c
         await close_all(streams)
         ctx.finish(status, error_code)
 
-    return guarded(events(), on_end)
+    return guarded(events(), on_end, streams)

@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator
 import orjson
 from django.http import StreamingHttpResponse
 
-from openai_api.errors import OpenAIError, UpstreamError, error_body
+from openai_api.errors import OpenAIError, UpstreamError, UpstreamUnavailableError, error_body
+from openai_api.lifecycle import ActiveStream, active_streams
 
 logger = logging.getLogger(__name__)
 
@@ -95,23 +96,30 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
         await asyncio.gather(*readers, return_exceptions=True)
 
 
-async def guarded(events: AsyncIterator[bytes], on_end: Any) -> AsyncIterator[bytes]:
+async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any]) -> AsyncIterator[bytes]:
     """Relay `events`, then `[DONE]`; a failure becomes one error event before `[DONE]`.
 
     `on_end(status, error_code)` runs exactly once, however the stream ends: 200 on success,
-    502 after an error event, 499 when the client went away (then no `[DONE]` is sent).
+    502 after an error event (503 if a shutdown cut it), 499 when the client went away (then
+    no `[DONE]` is sent). While it runs, a shutdown may close its `upstreams` (lifecycle.py).
     """
     status, error_code = 200, ""
+    active = ActiveStream(upstreams)
+    active_streams.add(active)
     try:
         async for event in events:
             yield event
     except Exception as exc:
-        status, error_code = 502, getattr(exc, "code", None) or "stream_error"
+        if active.interrupted:
+            exc = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
+        status = exc.status_code if isinstance(exc, OpenAIError) else 502
+        error_code = getattr(exc, "code", None) or "stream_error"
         yield sse_error(exc)
     except BaseException:
         status, error_code = 499, "client_disconnected"
         raise
     finally:
+        active_streams.discard(active)
         await events.aclose()
         await on_end(status, error_code)
     yield SSE_DONE

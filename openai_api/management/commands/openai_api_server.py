@@ -1,12 +1,39 @@
 """python manage.py openai_api_server — a drop-in for FastChat's openai_api_server CLI."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+
+class DrainingServer:
+    """uvicorn's Server, telling the gateway when a shutdown starts so that streams still
+    running after GATEWAY_DRAIN_SECONDS end with an error event and [DONE] (lifecycle.py)."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            async def _serve(self, sockets=None):
+                self.loop = asyncio.get_running_loop()
+                await super()._serve(sockets)
+                # uvicorn re-raises SIGTERM after serving, so atexit hooks would not run.
+                from keys.usage import usage_writer
+
+                await asyncio.to_thread(usage_writer.stop)
+
+            def handle_exit(self, sig, frame):
+                from openai_api.lifecycle import begin_shutdown
+
+                if getattr(self, "loop", None) is not None:
+                    begin_shutdown(self.loop, settings.GATEWAY_DRAIN_SECONDS)
+                super().handle_exit(sig, frame)
+
+        return Server(config)
 
 
 class Command(BaseCommand):
@@ -64,13 +91,21 @@ class Command(BaseCommand):
     def run_uvicorn(self, options: dict, ssl: dict[str, str]) -> None:
         import uvicorn
 
-        uvicorn.run(
+        config = uvicorn.Config(
             "gateway_project.asgi:application",
             host=options["host"], port=options["port"], workers=options["workers"],
             loop="uvloop", http="httptools", lifespan="off", log_level="info",
-            access_log=False, timeout_graceful_shutdown=30,
+            access_log=False, timeout_graceful_shutdown=settings.GATEWAY_DRAIN_SECONDS + 10,
             ssl_keyfile=ssl.get("keyfile"), ssl_certfile=ssl.get("certfile"),
         )
+        if options["workers"] > 1:
+            # uvicorn's own supervisor: each worker drains until timeout_graceful_shutdown.
+            uvicorn.run(**{name: getattr(config, name) for name in ("app", "host", "port", "workers", "loop", "http",
+                                                                     "lifespan", "log_level", "access_log",
+                                                                     "timeout_graceful_shutdown", "ssl_keyfile",
+                                                                     "ssl_certfile")})
+        else:
+            DrainingServer(config).run()
 
     def run_daphne(self, options: dict, ssl: dict[str, str]) -> None:
         from daphne.cli import CommandLineInterface
