@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 urlpatterns = [
+    path("", include("keys.urls")),
     path("", include("openai_api.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -1,0 +1,294 @@
+"""The key-management REST API for staff (/api/keys/): keys, their limits, revocation, rotation, usage.
+
+A key's plaintext appears in exactly two responses, create and rotate, and nowhere else; its
+digest never leaves the server. Every change is a database write that the OpenAI API path
+reads within GATEWAY_KEY_CACHE_SECONDS (openai_api/auth.py), on every process.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from datetime import date, timedelta
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db.models import Count, Q, QuerySet, Sum
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from keys.hashing import display_prefix, generate_key, hash_key
+from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.usage import start_of_day
+
+logger = logging.getLogger(__name__)
+
+COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+
+
+class APIKeySerializer(serializers.ModelSerializer):
+    """A key as staff see it: everything but the secret and its digest."""
+
+    allowed_models = serializers.ListField(
+        child=serializers.CharField(max_length=200), required=False,
+        help_text="Model names this key may use; empty means every model.",
+    )
+    user = serializers.PrimaryKeyRelatedField(
+        queryset=get_user_model().objects.all(), allow_null=True, required=False,
+        help_text="If this user is active staff, the key may also call this API.",
+    )
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = APIKey
+        fields = [
+            "id", "name", "owner", "prefix", "status", "created_at", "updated_at", "expires_at",
+            "revoked_at", "last_used_at", "allowed_models", "requests_per_minute", "tokens_per_minute",
+            "parallel_requests", "token_budget", "budget_period", "user",
+        ]
+        read_only_fields = ["prefix", "created_at", "updated_at", "revoked_at", "last_used_at"]
+
+    def get_status(self, key: APIKey) -> str:
+        if key.is_revoked:
+            return "revoked"
+        return "expired" if key.is_expired() else "active"
+
+    def validate_allowed_models(self, models: list[str]) -> list[str]:
+        return list(dict.fromkeys(models))  # CharField has stripped them already
+
+
+class NewAPIKeySerializer(APIKeySerializer):
+    """A key with its plaintext: the create and rotate responses, the only ones that carry it."""
+
+    key = serializers.CharField(read_only=True, help_text="The secret. Shown only in this response.")
+
+    class Meta(APIKeySerializer.Meta):
+        fields = ["key", *APIKeySerializer.Meta.fields]
+
+
+class KeyFilterSerializer(serializers.Serializer):
+    revoked = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                       help_text="Only revoked (true) or unrevoked (false) keys.")
+    search = serializers.CharField(required=False, help_text="Part of a name, owner or prefix.")
+
+
+class UsageQuerySerializer(serializers.Serializer):
+    days = serializers.IntegerField(min_value=1, max_value=366, default=30,
+                                    help_text="Days in the window, ending today (UTC).")
+
+
+class UsageCountsSerializer(serializers.Serializer):
+    requests = serializers.IntegerField()
+    errors = serializers.IntegerField(help_text="Requests answered with a status of 400 or more.")
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class DayUsageSerializer(UsageCountsSerializer):
+    day = serializers.DateField()
+
+
+class ModelUsageSerializer(UsageCountsSerializer):
+    model = serializers.CharField()
+
+
+class KeyUsageSerializer(UsageCountsSerializer):
+    key = serializers.IntegerField()
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+
+
+class UsageReportSerializer(serializers.Serializer):
+    since = serializers.DateField()
+    until = serializers.DateField()
+    days = serializers.IntegerField()
+    totals = UsageCountsSerializer()
+    by_day = DayUsageSerializer(many=True, help_text="Every day of the window, oldest first.")
+    by_model = ModelUsageSerializer(many=True)
+
+
+class KeyUsageReportSerializer(UsageReportSerializer):
+    key = serializers.IntegerField()
+
+
+class UsageSummarySerializer(UsageReportSerializer):
+    by_key = KeyUsageSerializer(many=True, help_text="Keys with usage in the window, busiest first.")
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The request conflicts with the key's state."
+    default_code = "conflict"
+
+
+class KeyPagination(PageNumberPagination):
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+def rotate_key(key: APIKey) -> str:
+    """Give `key` a new secret in place (same row, same usage history); returns the plaintext.
+    The old secret stops working as soon as the API path's key cache expires."""
+    plaintext = generate_key()
+    key.prefix, key.hashed_key = display_prefix(plaintext), hash_key(plaintext)
+    key.save(update_fields=["prefix", "hashed_key", "updated_at"])
+    return plaintext
+
+
+def revoke_key(key: APIKey) -> None:
+    """Revoke `key` unless it already is (the first revocation time is kept)."""
+    now = timezone.now()
+    APIKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now, updated_at=now)
+    key.refresh_from_db()
+
+
+def usage_rows(since: date, today: date, keys: QuerySet | None = None) -> list[dict]:
+    """Usage per (key, model, day) from `since` to today: roll-ups for past days, rows for today."""
+    past = UsageDaily.objects.filter(day__gte=since, day__lt=today)
+    recent = UsageRecord.objects.filter(created_at__gte=start_of_day(today))
+    if keys is not None:
+        past, recent = past.filter(key__in=keys), recent.filter(key__in=keys)
+    rows = list(past.values("key_id", "model", "day", *COUNTERS))
+    rows += [
+        {**row, "day": today}
+        for row in recent.values("key_id", "model").order_by().annotate(
+            requests=Count("id"), errors=Count("id", filter=Q(status__gte=400)),
+            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"),
+        )
+    ]
+    return rows
+
+
+def totals(rows: Iterable[dict]) -> dict[str, int]:
+    counts = Counter({name: 0 for name in COUNTERS})
+    for row in rows:
+        for name in COUNTERS:
+            counts[name] += row[name] or 0
+    return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"]}
+
+
+def grouped(rows: list[dict], field: str) -> dict[Any, dict[str, int]]:
+    groups: dict[Any, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row[field]].append(row)
+    return {value: totals(members) for value, members in groups.items()}
+
+
+def usage_report(days: int, keys: QuerySet | None = None) -> dict:
+    """Totals, per day (zero-filled) and per model over the last `days` days including today."""
+    today = timezone.now().date()
+    since = today - timedelta(days=days - 1)
+    rows = usage_rows(since, today, keys)
+    per_day = grouped(rows, "day")
+    window = [since + timedelta(days=i) for i in range(days)]
+    return {
+        "since": since, "until": today, "days": days, "totals": totals(rows),
+        "by_day": [{"day": day, **per_day.get(day, totals([]))} for day in window],
+        "by_model": [{"model": model, **counts} for model, counts in sorted(grouped(rows, "model").items())],
+        "rows": rows,
+    }
+
+
+def by_key(rows: list[dict]) -> list[dict]:
+    per_key = grouped(rows, "key_id")
+    names = APIKey.objects.filter(pk__in=per_key).values_list("pk", "name", "prefix")
+    report = [{"key": pk, "name": name, "prefix": prefix, **per_key[pk]} for pk, name, prefix in names]
+    return sorted(report, key=lambda row: (-row["requests"], row["key"]))
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List keys", parameters=[KeyFilterSerializer]),
+    retrieve=extend_schema(summary="Show a key"),
+    create=extend_schema(summary="Create a key; the response carries its plaintext, once",
+                         responses={201: NewAPIKeySerializer}),
+    update=extend_schema(summary="Replace a key's settings"),
+    partial_update=extend_schema(summary="Change a key's name, owner, expiry, models or limits"),
+)
+class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.UpdateModelMixin,
+                    viewsets.GenericViewSet):
+    """API keys for the OpenAI endpoints. Keys are revoked, never deleted, so usage history stays."""
+
+    queryset = APIKey.objects.all()
+    serializer_class = APIKeySerializer
+    pagination_class = KeyPagination
+    # JSON only: the browsable API would render a new key's plaintext through templates,
+    # whose DEBUG logging (django.template) prints the whole context.
+    renderer_classes = [JSONRenderer]
+    lookup_value_regex = r"[0-9]+"
+
+    def get_queryset(self) -> QuerySet:
+        keys = APIKey.objects.order_by("-created_at", "-id")
+        if self.action != "list":
+            return keys
+        query = KeyFilterSerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        revoked, search = query.validated_data["revoked"], query.validated_data.get("search")
+        if revoked is not None:
+            keys = keys.filter(revoked_at__isnull=not revoked)
+        if search:
+            keys = keys.filter(Q(name__icontains=search) | Q(owner__icontains=search) | Q(prefix__icontains=search))
+        return keys
+
+    def create(self, request: Request) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        key, plaintext = APIKey.objects.create_key(**serializer.validated_data)
+        logger.info("API key %s (%s…) created by %s", key.pk, key.prefix, request.user)
+        return Response(self.with_plaintext(key, plaintext), status=status.HTTP_201_CREATED)
+
+    def perform_update(self, serializer: APIKeySerializer) -> None:
+        key = serializer.save()
+        logger.info("API key %s (%s…) changed by %s: %s", key.pk, key.prefix, self.request.user,
+                    ", ".join(sorted(serializer.validated_data)))
+
+    @extend_schema(summary="Revoke a key (at once, for good)", request=None, responses=APIKeySerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str) -> Response:
+        key = self.get_object()
+        revoke_key(key)
+        logger.info("API key %s (%s…) revoked by %s", key.pk, key.prefix, request.user)
+        return Response(self.get_serializer(key).data)
+
+    @extend_schema(summary="Give a key a new secret; the response carries it, once",
+                   request=None, responses={200: NewAPIKeySerializer, 409: None})
+    @action(detail=True, methods=["post"])
+    def rotate(self, request: Request, pk: str) -> Response:
+        key = self.get_object()
+        if key.is_revoked:
+            raise Conflict("A revoked key cannot be rotated; create a new key instead.")
+        plaintext = rotate_key(key)
+        logger.info("API key %s rotated to %s… by %s", key.pk, key.prefix, request.user)
+        return Response(self.with_plaintext(key, plaintext))
+
+    @extend_schema(summary="A key's usage per day and per model", operation_id="keys_usage",
+                   parameters=[UsageQuerySerializer],
+                   responses=KeyUsageReportSerializer)
+    @action(detail=True, methods=["get"])
+    def usage(self, request: Request, pk: str) -> Response:
+        key = self.get_object()
+        report = usage_report(self.window_days(request), APIKey.objects.filter(pk=key.pk))
+        return Response(KeyUsageReportSerializer({**report, "key": key.pk}).data)
+
+    @extend_schema(summary="Usage of all keys per day, per model and per key", operation_id="keys_usage_summary",
+                   parameters=[UsageQuerySerializer], responses=UsageSummarySerializer)
+    @action(detail=False, methods=["get"], url_path="usage", url_name="usage-summary")
+    def usage_summary(self, request: Request) -> Response:
+        report = usage_report(self.window_days(request))
+        return Response(UsageSummarySerializer({**report, "by_key": by_key(report["rows"])}).data)
+
+    def window_days(self, request: Request) -> int:
+        query = UsageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return query.validated_data["days"]
+
+    def with_plaintext(self, key: APIKey, plaintext: str) -> dict:
+        return {"key": plaintext, **self.get_serializer(key).data}
