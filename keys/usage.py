@@ -11,9 +11,9 @@ import atexit
 import logging
 import threading
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Callable, Iterable
 
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, transaction

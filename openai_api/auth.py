@@ -42,7 +42,7 @@ class KeyInfo:
     budget_period: str
 
     @classmethod
-    def from_model(cls, key: APIKey) -> "KeyInfo":
+    def from_model(cls, key: APIKey) -> KeyInfo:
         return cls(
             id=key.id, name=key.name, prefix=key.prefix,
             allowed_models=tuple(key.allowed_models or ()),

@@ -7,7 +7,8 @@ Everything else is cached here, per process.
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from django.conf import settings
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
-
-import shortuuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 from openai_api.backend import Backend
 from openai_api.client import check_worker_error
@@ -21,6 +20,7 @@ from openai_api.generation import (
     sum_usage,
     worker_params,
 )
+from openai_api.ids import random_id
 from openai_api.protocol import ChatRequest
 from openai_api.streaming import guarded, merge, sse_event
 
@@ -43,7 +43,7 @@ async def chat_params(backend: Backend, address: str, request: ChatRequest) -> d
 
 
 def new_id() -> str:
-    return "chatcmpl-" + shortuuid.random()
+    return random_id("chatcmpl-")
 
 
 async def create_chat_completion(backend: Backend, request: ChatRequest, ctx: RequestContext) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -36,7 +37,7 @@ class WorkerUnreachableError(UpstreamUnavailableError):
 # One pooled transport per event loop: aiohttp sessions are bound to the loop that made them.
 # Requests go to the transport directly: httpx.AsyncClient's redirects, auth, cookies and URL
 # merging cost more CPU than the call itself here and are not needed for a known upstream.
-_transports: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport]" = (
+_transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport] = (
     weakref.WeakKeyDictionary()
 )
 _test_transport: httpx.AsyncBaseTransport | None = None
@@ -94,7 +95,7 @@ class FastChatClient:
         self.controller_timeout = httpx.Timeout(controller_timeout)
 
     @classmethod
-    def from_settings(cls) -> "FastChatClient":
+    def from_settings(cls) -> FastChatClient:
         return cls(
             settings.CONTROLLER_ADDRESS,
             settings.FASTCHAT_WORKER_API_TIMEOUT,
@@ -147,7 +148,7 @@ class FastChatClient:
         check_worker_error(data)
         return data
 
-    async def open_stream(self, address: str, params: dict[str, Any]) -> "WorkerStream":
+    async def open_stream(self, address: str, params: dict[str, Any]) -> WorkerStream:
         """Send a generate_stream request and wait for the worker's response headers."""
         url = address + "/worker_generate_stream"
         response = await post(url, orjson.dumps(params), self.worker_timeout)

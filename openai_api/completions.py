@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
-
-import shortuuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 from openai_api.backend import Backend
 from openai_api.client import check_worker_error
@@ -20,6 +19,7 @@ from openai_api.generation import (
     sum_usage,
     worker_params,
 )
+from openai_api.ids import random_id
 from openai_api.protocol import CompletionRequest
 from openai_api.streaming import guarded, merge, sse_event
 
@@ -43,7 +43,7 @@ async def completion_params(backend: Backend, address: str, request: CompletionR
 
 
 def new_id() -> str:
-    return "cmpl-" + shortuuid.random()
+    return random_id("cmpl-")
 
 
 async def create_completion(backend: Backend, request: CompletionRequest, prompts: list[str], ctx: RequestContext) -> dict[str, Any]:

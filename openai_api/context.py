@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -23,7 +24,7 @@ class RequestContext:
     first_token_at: float | None = None
     lease: Any = None
     finished: bool = False
-    on_finish: list[Callable[["RequestContext"], None]] = field(default_factory=list)
+    on_finish: list[Callable[[RequestContext], None]] = field(default_factory=list)
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:

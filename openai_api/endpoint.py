@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from django.core.exceptions import RequestDataTooBig
@@ -11,10 +12,10 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from openai_api.accounting import record_usage
-from openai_api.observability import observe
 from openai_api.auth import authenticate
 from openai_api.context import RequestContext
 from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
+from openai_api.observability import observe
 from openai_api.protocol import parse_json_body
 
 logger = logging.getLogger(__name__)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from openai_api.backend import Backend
 from openai_api.client import WorkerStream, check_worker_error

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from django.http import StreamingHttpResponse
@@ -109,7 +110,7 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
     try:
         async for event in events:
             yield event
-    except Exception as exc:
+    except Exception:
         if active.interrupted:
             exc = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
         status = exc.status_code if isinstance(exc, OpenAIError) else 502

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import shortuuid
 from django.http import HttpRequest, HttpResponse
 
 from openai_api import chat, completions, protocol
@@ -14,6 +13,7 @@ from openai_api.auth import require_model_access
 from openai_api.backend import Backend, get_backend
 from openai_api.endpoint import api_endpoint, json_response, read_json, started
 from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
+from openai_api.ids import random_id
 from openai_api.observability import stream_started
 from openai_api.streaming import sse_response
 from openai_api.tokens import as_texts
@@ -38,7 +38,7 @@ def model_card(name: str, created: int) -> dict[str, Any]:
         "id": name, "object": "model", "created": created, "owned_by": "fastchat",
         "root": name, "parent": None,
         "permission": [{
-            "id": "modelperm-" + shortuuid.random(), "object": "model_permission", "created": created,
+            "id": random_id("modelperm-"), "object": "model_permission", "created": created,
             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
             "allow_search_indices": True, "allow_view": True, "allow_fine_tuning": False,
             "organization": "*", "group": None, "is_blocking": False,
