@@ -110,12 +110,13 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
     try:
         async for event in events:
             yield event
-    except Exception:
+    except Exception as exc:
+        error: BaseException = exc
         if active.interrupted:
-            exc = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
-        status = exc.status_code if isinstance(exc, OpenAIError) else 502
-        error_code = getattr(exc, "code", None) or "stream_error"
-        yield sse_error(exc)
+            error = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
+        status = error.status_code if isinstance(error, OpenAIError) else 502
+        error_code = getattr(error, "code", None) or "stream_error"
+        yield sse_error(error)
     except BaseException:
         status, error_code = 499, "client_disconnected"
         raise
