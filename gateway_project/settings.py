@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -62,8 +63,12 @@ ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["*"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 USE_X_FORWARDED_HOST = env_bool("DJANGO_USE_X_FORWARDED_HOST")
 
+# daphne's app only turns `runserver` into an ASGI server, and it imports Twisted (27 MB per
+# process), so only runserver loads it; served processes run uvicorn or daphne directly.
+SERVE_WITH_RUNSERVER = sys.argv[1:2] == ["runserver"]
+
 INSTALLED_APPS = [
-    "daphne",
+    *(["daphne"] if SERVE_WITH_RUNSERVER else []),
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
