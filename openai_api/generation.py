@@ -68,14 +68,16 @@ def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: i
 
 
 async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
-    """Like asyncio.gather, but the first failure cancels the rest and is raised as is."""
+    """Like asyncio.gather, but the first failure (or a cancellation) cancels the rest and is
+    raised as is. Results that were ready are closed if they have an aclose() (open streams)."""
     tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(r.aclose() for r in results if hasattr(r, "aclose")), return_exceptions=True)
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import httpx
 
 from tests.asgi import stream_then_disconnect
+from openai_api.client import reset_http_client
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
 
@@ -63,4 +64,22 @@ class FaultTests(GatewayTestCase):
         self.fake.chunk_delay = 0.05
         parts = await stream_then_disconnect(CHAT, {**BODY, "stream": True}, self.auth, body_messages=2)
         self.assertIn(b"assistant", parts[0])
+        self.assertEqual(self.fake.stream_closed, [True])
+
+
+class PartialOpenTests(GatewayTestCase):
+    async def test_streams_opened_before_a_failure_are_closed(self):
+        calls = []
+        handle = self.fake.handle
+
+        async def second_stream_fails(request):
+            if request.url.path == "/worker_generate_stream":
+                calls.append(1)
+                if len(calls) == 2:
+                    return httpx.Response(500, text="boom")
+            return await handle(request)
+
+        reset_http_client(httpx.MockTransport(second_stream_fails))
+        response = await self.post(CHAT, {**BODY, "stream": True, "n": 2})
+        self.assertError(response, 502)
         self.assertEqual(self.fake.stream_closed, [True])
