@@ -14,6 +14,15 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_application = get_asgi_application()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from keys.live import websocket_urlpatterns  # noqa: E402
 from openai_api.handler import APIHandler, route_by_path  # noqa: E402
 
-application = route_by_path(api=APIHandler(), default=django_application)
+application = ProtocolTypeRouter({
+    "http": route_by_path(api=APIHandler(), default=django_application),
+    # The admin's live usage view (staff only, session-authenticated).
+    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+})
