@@ -14,6 +14,9 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_application = get_asgi_application()
 
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
@@ -22,7 +25,11 @@ from keys.live import websocket_urlpatterns  # noqa: E402
 from openai_api.handler import APIHandler, route_by_path  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": route_by_path(api=APIHandler(), default=django_application),
+    "http": route_by_path(
+        api=APIHandler(),
+        # The admin's CSS and JS, unless nginx serves /static/ (GATEWAY_SERVE_STATIC=False).
+        default=ASGIStaticFilesHandler(django_application) if settings.GATEWAY_SERVE_STATIC else django_application,
+    ),
     # The admin's live usage view (staff only, session-authenticated).
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

@@ -134,6 +134,8 @@ USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+# Serve the admin's static files from the gateway itself (set False when nginx serves them).
+GATEWAY_SERVE_STATIC = env_bool("GATEWAY_SERVE_STATIC", "True")
 
 # Requests bigger than this get 413 (images travel inline as base64).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)

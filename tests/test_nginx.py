@@ -25,7 +25,8 @@ def render_nginx(tmp: Path, listen: int, upstream_ports: list[int]) -> Path:
     """The shipped site file, with its placeholders filled, inside a minimal nginx.conf."""
     site = (REPO_ROOT / "deploy/nginx/gateway.conf").read_text()
     site = site.replace("{{listen}}", f"127.0.0.1:{listen}").replace(
-        "{{upstream_servers}}", " ".join(f"server 127.0.0.1:{port};" for port in upstream_ports))
+        "{{upstream_servers}}", " ".join(f"server 127.0.0.1:{port};" for port in upstream_ports)).replace(
+        "{{static_root}}", str(tmp / "static"))
     (tmp / "site.conf").write_text(site)
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
