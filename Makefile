@@ -37,3 +37,5 @@ test: install-test
 	$(BIN)/python manage.py check
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python -m pytest
+	@echo "== The same suite on PostgreSQL + Redis (throwaway servers from tests/services.py) =="
+	$(BIN)/python -m tests.services -- $(BIN)/python -m pytest

@@ -3,9 +3,55 @@ from __future__ import annotations
 
 import pytest
 
+from tests.services import under_services_wrapper
+
+# Tests written against the memory store's synchronous inspection (store.parallel_in_use(...)
+# returning an int): under PostgreSQL + Redis they keep the memory store; their Redis
+# counterparts are in tests/test_redis_limits.py.
+MEMORY_STORE_TESTS = {
+    "tests/test_limits.py::ApiLimitTests::test_parallel_slots_are_released_on_every_path",
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def keep_the_test_transactions_connection():
+    """A TestCase runs inside a transaction (autocommit off), which close_old_connections()
+    takes for a broken connection and closes: on PostgreSQL that ends the test's transaction
+    (SQLite ignores closing its in-memory test database). Django's test client disconnects
+    close_old_connections from the request signals for this reason; the gateway also calls it
+    directly (openai_api/auth.py load_key), so connections inside a transaction are kept."""
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    original = BaseDatabaseWrapper.close_if_unusable_or_obsolete
+
+    def close_unless_in_a_transaction(self):
+        if not self.in_atomic_block:
+            original(self)
+
+    BaseDatabaseWrapper.close_if_unusable_or_obsolete = close_unless_in_a_transaction
+    yield
+    BaseDatabaseWrapper.close_if_unusable_or_obsolete = original
+
 
 @pytest.fixture(autouse=True)
 def usage_written_by_the_test(settings):
     """Usage rows are flushed by the test itself: a writer thread could not see the test's
     transaction (and SQLite would lock)."""
     settings.USAGE_WRITER_THREAD = False
+
+
+@pytest.fixture(autouse=True)
+def empty_redis(request, settings):
+    """Under `python -m tests.services` (PostgreSQL + Redis) every test starts with an empty
+    Redis, so no limit counted by an earlier test (or gateway process) leaks into it. Only the
+    throwaway Redis that wrapper started is flushed, never one REDIS_URL merely points at."""
+    if settings.REDIS_URL and under_services_wrapper():
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+        if request.node.nodeid in MEMORY_STORE_TESTS:
+            settings.REDIS_URL = ""

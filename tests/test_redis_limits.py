@@ -1,0 +1,320 @@
+"""RedisLimitStore against a real Redis: the memory store's contract (tests/test_limits.py),
+exactness under concurrency, and parallel slots released on every path through the API.
+
+The Redis is the one `python -m tests.services` started (REDIS_URL, flushed before each test),
+or else a throwaway redis-server of this module's own.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from django.test import override_settings
+
+from keys import limits as limits_module
+from keys.limits import Limits, RedisLimitStore, get_limit_store, reset_limit_store
+from keys.models import APIKey
+from openai_api.auth import key_cache
+from openai_api.errors import QuotaExceededError, RateLimitError, TokenRateLimitError
+from tests.asgi import stream_then_disconnect
+from tests.base import GatewayTestCase
+from tests.services import ServiceUnavailable, redis_server, under_services_wrapper
+from tests.sse import read_stream
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    from django.conf import settings
+
+    if settings.REDIS_URL and under_services_wrapper():
+        yield settings.REDIS_URL
+        return
+    try:
+        with redis_server() as server:
+            yield server.url
+    except ServiceUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(redis_url) -> Iterator[RedisLimitStore]:
+    """A store with a fake clock, a fake budget loader and a prefix of its own."""
+    clock = Clock()
+    used = {"tokens": 0}
+
+    async def budget_used(limits: Limits) -> int:
+        return used["tokens"]
+
+    store = RedisLimitStore(redis_url, clock=clock, load_budget_used=budget_used, prefix=f"t{uuid.uuid4().hex[:8]}")
+    store.clock_ = clock
+    store.used_ = used
+    yield store
+
+
+def run(store: RedisLimitStore, coroutine):
+    """Run a coroutine on a fresh event loop, closing the store's client for that loop."""
+    async def main():
+        try:
+            return await coroutine
+        finally:
+            client = store._clients.pop(asyncio.get_running_loop(), None)
+            if client is not None:
+                await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_the_request_window_slides(store):
+    limits = Limits(1, requests_per_minute=2)
+
+    async def scenario():
+        first = await store.acquire(limits)
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        store.clock_.now += 30
+        await store.acquire(limits)
+        with pytest.raises(RateLimitError) as refused:
+            await store.acquire(limits)
+        assert refused.value.headers["Retry-After"] == "30"
+        assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+        store.clock_.now += 30.5
+        await store.acquire(limits)  # the first request left the window
+
+    run(store, scenario())
+
+
+def test_tokens_leave_the_window_after_a_minute(store):
+    limits = Limits(1, tokens_per_minute=100)
+
+    async def scenario():
+        lease = await store.acquire(limits)
+        await store.release(lease, 100)
+        with pytest.raises(TokenRateLimitError) as refused:
+            await store.acquire(limits)
+        assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+        store.clock_.now += 61
+        await store.acquire(limits)
+
+    run(store, scenario())
+
+
+def test_the_budget_starts_from_the_database_usage(store):
+    store.used_["tokens"] = 90
+    limits = Limits(1, token_budget=100, budget_period="month")
+
+    async def scenario():
+        lease = await store.acquire(limits)
+        await store.release(lease, 10)
+        with pytest.raises(QuotaExceededError) as refused:
+            await store.acquire(limits)
+        assert refused.value.headers["x-should-retry"] == "false"
+
+    run(store, scenario())
+
+
+def test_the_budget_is_loaded_once_and_then_counted_in_redis(store):
+    calls = []
+
+    async def budget_used(limits):
+        calls.append(limits.key_id)
+        return 0
+
+    store._load_budget_used = budget_used
+    limits = Limits(7, token_budget=50, budget_period="day")
+
+    async def scenario():
+        for _ in range(4):
+            await store.release(await store.acquire(limits), 12)  # 48 tokens
+        await store.release(await store.acquire(limits), 5)  # 53: over the budget now
+        with pytest.raises(QuotaExceededError):
+            await store.acquire(limits)
+
+    run(store, scenario())
+    assert calls == [7]
+
+
+def test_a_lease_is_released_once(store):
+    limits = Limits(1, parallel_requests=1)
+
+    async def scenario():
+        lease = await store.acquire(limits)
+        assert await store.parallel_in_use(1) == 1
+        await store.release(lease, 0)
+        await store.release(lease, 0)
+        assert await store.parallel_in_use(1) == 0
+        await store.acquire(limits)
+        with pytest.raises(RateLimitError) as refused:
+            await store.acquire(limits)
+        assert refused.value.headers["Retry-After"] == "1"
+        assert await store.parallel_in_use(1) == 1
+
+    run(store, scenario())
+
+
+def test_keys_do_not_share_counters(store):
+    async def scenario():
+        await store.acquire(Limits(1, requests_per_minute=1))
+        await store.acquire(Limits(2, requests_per_minute=1))
+        with pytest.raises(RateLimitError):
+            await store.acquire(Limits(1, requests_per_minute=1))
+
+    run(store, scenario())
+
+
+def test_release_soon_releases_from_synchronous_code_even_if_the_caller_is_cancelled(store):
+    limits = Limits(1, parallel_requests=1)
+
+    async def scenario():
+        lease = await store.acquire(limits)
+
+        async def request():
+            store.release_soon(lease, 3)
+            raise asyncio.CancelledError  # the request's task dies right after its finish hook
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(request())
+        await asyncio.gather(*list(limits_module._pending_releases))
+        assert await store.parallel_in_use(1) == 0
+
+    run(store, scenario())
+
+
+def test_100_concurrent_acquires_admit_exactly_20(store):
+    limits = Limits(1, requests_per_minute=20)
+
+    async def attempt():
+        try:
+            await store.acquire(limits)
+            return True
+        except RateLimitError:
+            return False
+
+    async def scenario():
+        return await asyncio.gather(*(attempt() for _ in range(100)))
+
+    assert sum(run(store, scenario())) == 20
+
+
+def test_concurrent_acquires_from_several_clients_are_exact(store):
+    """Four threads, each with its own event loop and Redis connections (as separate processes
+    would have): 4 x 25 attempts at 20 requests/minute and 5 parallel slots."""
+    rpm = Limits(1, requests_per_minute=20)
+    parallel = Limits(2, parallel_requests=5)
+    results: dict[str, list[bool]] = {"rpm": [], "parallel": []}
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    async def attempt(limits):
+        try:
+            await store.acquire(limits)
+            return True
+        except RateLimitError:
+            return False
+
+    async def attempts():
+        return await asyncio.gather(*(attempt(rpm) for _ in range(25)), *(attempt(parallel) for _ in range(25)))
+
+    def worker():
+        barrier.wait()
+        outcome = run(store, attempts())
+        with lock:
+            results["rpm"] += outcome[:25]
+            results["parallel"] += outcome[25:]
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results["rpm"]) == 100
+    assert sum(results["rpm"]) == 20
+    assert sum(results["parallel"]) == 5
+    assert run(store, store.parallel_in_use(2)) == 5
+
+
+class RedisApiLimitTests(GatewayTestCase):
+    """The API's limits with the Redis store: parallel slots come back on every path."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url):
+        self.redis_url = redis_url
+
+    def setUp(self):
+        super().setUp()
+        self.override = override_settings(REDIS_URL=self.redis_url)
+        self.override.enable()
+        reset_limit_store(RedisLimitStore(self.redis_url, prefix=f"t{uuid.uuid4().hex[:8]}"))
+
+    def tearDown(self):
+        self.override.disable()
+        super().tearDown()
+
+    async def limit(self, **fields) -> None:
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(**fields)
+        key_cache.clear()
+
+    async def in_use(self) -> int:
+        await asyncio.gather(*list(limits_module._pending_releases))
+        return await get_limit_store().parallel_in_use(self.key.pk)
+
+    async def test_parallel_slots_are_released_on_every_path(self):
+        await self.limit(parallel_requests=1)
+        self.assertIsInstance(get_limit_store(), RedisLimitStore)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        self.assertEqual(await self.in_use(), 0)
+        self.fake.worker_error = httpx.ReadTimeout
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 504)
+        self.assertEqual(await self.in_use(), 0)
+        self.fake.worker_error = None
+        self.fake.error_chunk_after = 2
+        await read_stream(await self.post(CHAT, {**BODY, "stream": True}))
+        self.fake.error_chunk_after = None
+        self.assertEqual(await self.in_use(), 0)
+        self.fake.chunk_delay = 0.05  # a stream abandoned by its client
+        await stream_then_disconnect(CHAT, {**BODY, "stream": True}, self.auth, body_messages=2)
+        self.assertEqual(self.fake.stream_closed[-1], True)
+        self.assertEqual(await self.in_use(), 0)
+        self.fake.chunk_delay = 0
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+    async def test_requests_per_minute_give_429_with_headers(self):
+        await self.limit(requests_per_minute=3)
+        responses = [await self.post(CHAT, BODY) for _ in range(5)]
+        self.assertEqual([r.status_code for r in responses], [200, 200, 200, 429, 429])
+        self.assertEqual(responses[0]["x-ratelimit-remaining-requests"], "2")
+        self.assertError(responses[3], 429, code="rate_limit_exceeded")
+        self.assertGreaterEqual(int(responses[3]["Retry-After"]), 1)
+
+    async def test_tokens_per_minute_count_what_requests_used(self):
+        await self.limit(tokens_per_minute=5)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        await self.in_use()  # the tokens are counted by the release
+        refused = await self.post(CHAT, BODY)
+        self.assertError(refused, 429)
+        self.assertEqual(refused["x-ratelimit-remaining-tokens"], "0")
+
+
+@pytest.mark.skipif(not under_services_wrapper(), reason="only under python -m tests.services")
+def test_the_suite_really_runs_on_postgresql_and_redis():
+    from django.db import connection
+
+    assert connection.vendor == "postgresql"
+    reset_limit_store()
+    try:
+        assert isinstance(get_limit_store(), RedisLimitStore)
+    finally:
+        reset_limit_store()
