@@ -240,6 +240,32 @@ def under_services_wrapper() -> bool:
     return os.environ.get(BACKENDS_ENV) == "postgres+redis"
 
 
+def run_command(command: list[str], env: dict[str, str], grace: float = 30.0) -> int:
+    """Run the command to its end and return its exit status (128 + N if killed by signal N).
+    SIGTERM and SIGINT are passed on to it, so that CI cancelling the job or Ctrl-C still
+    lets the caller stop the servers; a command still running `grace` s later is killed."""
+    child = subprocess.Popen(command, env=env)
+    signalled_at: list[float] = []
+
+    def forward(signum, frame):
+        signalled_at.append(time.monotonic())
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=1)
+                return code if code >= 0 else 128 - code
+            except subprocess.TimeoutExpired:
+                if signalled_at and time.monotonic() - signalled_at[0] > grace:
+                    child.kill()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.services",
@@ -252,30 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command given (python -m tests.services -- COMMAND ...)")
 
-    # SIGTERM (CI cancelling the job) unwinds like Ctrl-C, so the servers are stopped.
-    def terminate(signum, frame):
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGTERM, interrupt)  # while starting or stopping: unwind, stop the servers
     started = time.monotonic()
     try:
         with services() as running:
             print(f"tests.services: PostgreSQL {running.pg.url} and Redis {running.redis.url} "
                   f"up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-            child = subprocess.Popen(command, env={**os.environ, **running.env})
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
-                try:
-                    child.wait(30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
-                return 130
+            return run_command(command, {**os.environ, **running.env})
     except ServiceUnavailable as exc:
         print(f"tests.services: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
