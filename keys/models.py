@@ -10,13 +10,13 @@ from keys.hashing import display_prefix, generate_key, hash_key
 
 
 class APIKeyManager(models.Manager["APIKey"]):
-    def create_key(self, name: str, **fields) -> tuple["APIKey", str]:
+    def create_key(self, name: str, **fields) -> tuple[APIKey, str]:
         """Create a key and return it with its plaintext, which is never stored or shown again."""
         plaintext = generate_key()
         key = self.create(name=name, prefix=display_prefix(plaintext), hashed_key=hash_key(plaintext), **fields)
         return key, plaintext
 
-    def import_plaintext(self, plaintext: str, name: str) -> tuple["APIKey", bool]:
+    def import_plaintext(self, plaintext: str, name: str) -> tuple[APIKey, bool]:
         """Store an existing key (FastChat's --api-keys) by its digest; (key, created)."""
         return self.get_or_create(
             hashed_key=hash_key(plaintext),
