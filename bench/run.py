@@ -1,0 +1,332 @@
+"""Benchmark our gateway against FastChat's openai_api_server in front of the same fake worker.
+
+    . .venv/bin/activate && python bench/run.py [--quick] [--duration S] [--concurrency 1,32]
+        [--scenarios chat,chat_stream,embeddings] [--targets fastchat,gateway] [--json out.json]
+
+Starts the FastChat controller, ONE demo worker and every target, then runs each scenario at
+each concurrency against each target in turn (targets interleaved, so drift hits all alike),
+each time in a fresh load-generator process (bench/loadgen.py). Prints a Markdown table and
+stops every process it started, also on Ctrl-C or failure. Logs and JSON go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from loadgen import SCENARIOS, machine_busy_seconds
+from targets import (
+    REPLY_WORDS,
+    TARGETS,
+    Backend,
+    Target,
+    peak_memory_mb,
+    start_backend,
+    stop_backend,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+LOADGEN = BENCH_DIR / "loadgen.py"
+
+
+def run_cell(
+    target: Target, backend: Backend, scenario: str, concurrency: int, options: argparse.Namespace
+) -> dict[str, Any]:
+    """Run one load-generator process against one target; return its JSON result."""
+    args = [
+        sys.executable, str(LOADGEN), "--base-url", target.base_url,
+        "--scenario", scenario, "--concurrency", str(concurrency),
+        "--warmup", str(options.warmup), "--duration", str(options.duration),
+        "--watch", "gateway", "+".join(map(str, target.pids)),
+        "--watch", "controller", str(backend.procs["controller"].pid),
+        "--watch", "worker", str(backend.procs["worker"].pid),
+    ]  # fmt: skip
+    if target.api_key:
+        args += ["--api-key", target.api_key]
+    limit = options.warmup + options.duration + 60
+    result = subprocess.run(args, capture_output=True, text=True, timeout=limit)
+    if result.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{result.stderr}")
+    cell = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"target": target.name, "scenario": scenario, "concurrency": concurrency, **cell}
+
+
+def wait_for_quiet(budget: float, busy_limit: float = 0.25, step: float = 0.5) -> float:
+    """Wait (at most ``budget`` s) until the machine idles, as our servers do between cells.
+
+    The machine may be shared; a cell measured while something else burns CPU is pessimistic.
+    Return the seconds waited.
+    """
+    began = time.monotonic()
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(step)
+        if (machine_busy_seconds() - before) / step <= busy_limit:
+            return time.monotonic() - began
+        if time.monotonic() - began >= budget:
+            return time.monotonic() - began
+
+
+def check_alive(targets: list[Target], backend: Backend, workdir: Path) -> None:
+    """Stop the run as soon as any process it started has died; its log says why."""
+    procs = [(name, proc) for name, proc in backend.procs.items()]
+    procs += [(t.name, proc) for t in targets for proc in t.procs]
+    for name, proc in procs:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see the logs in {workdir}")
+
+
+def run_all(targets: list[Target], backend: Backend, options: argparse.Namespace, rows: list[dict]) -> None:
+    """Every scenario x concurrency x target, targets innermost; append a row for each."""
+    quiet_budget = options.quiet_wait
+    for scenario in options.scenarios:
+        for concurrency in options.concurrency:
+            for target in targets:
+                quiet_budget -= wait_for_quiet(max(0.0, quiet_budget))
+                check_alive(targets, backend, options.workdir)
+                row = run_cell(target, backend, scenario, concurrency, options)
+                rows.append(row)
+                print(progress_line(row), file=sys.stderr, flush=True)
+
+
+# Report -----------------------------------------------------------------------------------
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    errors = row["failures"] + row["warmup_failures"]
+    return (
+        f"  {row['target']:>9} {row['scenario']:<11} c={row['concurrency']:<3} {row['rps']:>8} req/s"
+        f"  p50 {row['p50_ms']} ms  gateway CPU {row['cpu_ms_per_request']['gateway']} ms/req"
+        f"  other load {row['cpu_cores']['other']:.2f} cores" + (f"  ERRORS: {errors}" if errors else "")
+    )
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    return "–" if not ours or not theirs else f"{ours / theirs:.2f}x"
+
+
+def errors_cell(row: dict[str, Any]) -> str:
+    text = str(row["failures"])
+    if row["warmup_failures"]:
+        text += f" (+{row['warmup_failures']} in warm-up)"
+    return f"**{text}**" if text != "0" else text
+
+
+def results_table(rows: list[dict[str, Any]], baseline: str) -> str:
+    """One row per target, scenario and concurrency, compared to the baseline's row.
+
+    "other load" is CPU that processes outside the benchmark used meanwhile (a shared machine).
+    """
+    base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == baseline}
+    lines = [
+        "| target | scenario | conc. | req/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms "
+        f"| gateway CPU ms/req | backend CPU ms/req | errors | req/s vs {baseline} | other load (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        cpu = r["cpu_ms_per_request"]
+        backend_cpu = None if cpu["gateway"] is None else cpu["controller"] + cpu["worker"]
+        other = base.get((r["scenario"], r["concurrency"]))
+        versus = "–" if r["target"] == baseline or other is None else ratio(r["rps"], other["rps"])
+        lines.append(
+            f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {fmt(r['rps'])} "
+            f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} "
+            f"| {fmt(r['ttft_p50_ms'])} | {fmt(cpu['gateway'], 2)} | {fmt(backend_cpu, 2)} "
+            f"| {errors_cell(r)} | {versus} | {fmt(r['cpu_cores']['other'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict[str, Any]], baseline: str) -> str:
+    """Each other target divided by the baseline: throughput, p50 latency, gateway CPU/request."""
+    base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == baseline}
+    lines = [
+        f"| target / {baseline} | scenario | conc. | req/s | p50 latency | TTFT p50 | gateway CPU/req |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        other = base.get((r["scenario"], r["concurrency"]))
+        if r["target"] == baseline or other is None:
+            continue
+        cpu, other_cpu = r["cpu_ms_per_request"]["gateway"], other["cpu_ms_per_request"]["gateway"]
+        lines.append(
+            f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {ratio(r['rps'], other['rps'])} "
+            f"| {ratio(r['p50_ms'], other['p50_ms'])} | {ratio(r['ttft_p50_ms'], other['ttft_p50_ms'])} "
+            f"| {ratio(cpu, other_cpu)} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(memory: dict[str, list[dict[str, float]]]) -> str:
+    lines = ["| target | peak RSS (VmHWM) MiB | RSS at end MiB |", "|---|--:|--:|"]
+    for name, per_process in memory.items():
+        peak = " + ".join(fmt(p["VmHWM"]) for p in per_process)
+        now = " + ".join(fmt(p["VmRSS"]) for p in per_process)
+        lines.append(f"| {name} | {peak} | {now} |")
+    return "\n".join(lines)
+
+
+def report_errors(rows: list[dict[str, Any]]) -> str:
+    """Every failing cell with its sampled error messages (status and body)."""
+    lines = []
+    for r in rows:
+        if r["failures"] or r["warmup_failures"]:
+            lines.append(
+                f"- {r['target']} {r['scenario']} c={r['concurrency']}: "
+                f"{r['failures']} failed in the window, {r['warmup_failures']} in warm-up"
+            )
+            lines += [f"    - {sample}" for sample in r["error_samples"]]
+    return "\n".join(lines)
+
+
+def report_noise(rows: list[dict[str, Any]], limit: float = 0.25) -> str:
+    """Cells during which processes outside the benchmark used noticeable CPU."""
+    noisy = [r for r in rows if r["cpu_cores"]["other"] > limit]
+    return "\n".join(
+        f"- {r['target']} {r['scenario']} c={r['concurrency']}: "
+        f"{r['cpu_cores']['other']:.2f} cores used by other processes"
+        for r in noisy
+    )
+
+
+def gateway_commit() -> str:
+    """The commit measured, marked "+dirty" when gateway code has uncommitted changes."""
+    git = ["git", "-C", str(BENCH_DIR.parent)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(
+        [*git, "status", "--porcelain", "--", "gateway_project", "openai_api", "keys", "requirements.txt"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (commit or "unknown") + ("+dirty" if changed else "")
+
+
+def machine() -> dict[str, Any]:
+    """The facts a reader needs to compare runs."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return {
+        "gateway_commit": gateway_commit(),
+        "cpu": models[0] if models else platform.machine(),
+        "cores": len(models),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+# CLI --------------------------------------------------------------------------------------
+
+
+def csv(kind: type) -> Any:
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,32, 3 s per cell (about 80 s in all)")
+    parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1, quick 0.5)")
+    parser.add_argument("--concurrency", type=csv(int), help="default 1,16,32,64 (quick 1,32)")
+    parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS))
+    parser.add_argument("--targets", type=csv(str), default=list(TARGETS))
+    parser.add_argument("--baseline", default="fastchat", help="the target the ratios divide by")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="seconds in all to wait for other processes to go idle between cells (default 30, quick 10)",
+    )
+    options = parser.parse_args(argv)
+    quick = options.quick
+    options.duration = options.duration or (3.0 if quick else 10.0)
+    options.warmup = options.warmup if options.warmup is not None else (0.5 if quick else 1.0)
+    if options.quiet_wait is None:
+        options.quiet_wait = 10.0 if quick else 30.0
+    options.concurrency = options.concurrency or ([1, 32] if quick else [1, 16, 32, 64])
+    for name, known in (("scenario", SCENARIOS), ("target", TARGETS)):
+        unknown = set(getattr(options, name + "s")) - set(known)
+        if unknown:
+            parser.error(f"unknown {name} {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    # Turn SIGTERM into an exception, so that the finally clause below stops every process.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    began = time.monotonic()
+    workdir = BENCH_DIR / "results" / time.strftime("run-%Y%m%d-%H%M%S")
+    workdir.mkdir(parents=True)
+    options.workdir = workdir
+    print(f"Logs in {workdir}", file=sys.stderr)
+    backend, targets, rows, memory = None, [], [], {}
+    try:
+        try:
+            backend = start_backend(workdir)
+            for name in options.targets:
+                targets.append(TARGETS[name](backend, workdir))
+            run_all(targets, backend, options, rows)
+        finally:
+            memory = collect_memory(targets)
+            for target in reversed(targets):
+                target.stop()
+            if backend is not None:
+                stop_backend(backend)
+    finally:  # also print what was measured before an interruption or a failure
+        if rows:
+            print_report(rows, memory, options, time.monotonic() - began, workdir)
+    return 1 if any(r["failures"] or r["warmup_failures"] for r in rows) else 0
+
+
+def collect_memory(targets: list[Target]) -> dict[str, list[dict[str, float]]]:
+    """Peak and current RSS of every process of every target that is still alive."""
+    return {t.name: [peak_memory_mb(proc.pid) for proc in t.procs if proc.poll() is None] for t in targets}
+
+
+def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, elapsed: float, workdir: Path) -> None:
+    facts = machine()
+    planned = len(options.scenarios) * len(options.concurrency) * len(options.targets)
+    if len(rows) < planned:
+        print(f"\nPARTIAL RUN: {len(rows)} of {planned} cells measured", file=sys.stderr)
+    print(
+        f"\nGateway at {facts['gateway_commit']}; {facts['cores']} x {facts['cpu']}, Python {facts['python']}; "
+        f"{options.duration:g} s measured after {options.warmup:g} s warm-up per cell; "
+        f"worker reply {REPLY_WORDS} words; total run {elapsed:.0f} s\n"
+    )
+    print(results_table(rows, options.baseline) + "\n")
+    if len({r["target"] for r in rows}) > 1:
+        print(comparison_table(rows, options.baseline) + "\n")
+    print(memory_table(memory))
+    noise = report_noise(rows)
+    if noise:
+        print("\nOther processes competed for the CPU (numbers below are pessimistic):\n" + noise)
+    errors = report_errors(rows)
+    if errors:
+        print("\n**FAILURES** (these numbers are not clean):\n" + errors)
+    record = {
+        "machine": facts,
+        "options": {k: str(v) for k, v in vars(options).items()},
+        "elapsed_s": round(elapsed, 1),
+        "rows": rows,
+        "memory_mib": memory,
+    }
+    for path in filter(None, [workdir / "results.json", options.json]):
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)  # every process is stopped and the partial table printed already
