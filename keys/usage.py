@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -42,20 +42,31 @@ class UsageEvent:
     streamed: bool = False
     created_at: datetime = field(default_factory=timezone.now)
 
-    def as_record(self) -> UsageRecord:
-        return UsageRecord(
-            key_id=self.key_id, model=self.model[:200], endpoint=self.endpoint[:100],
-            request_id=self.request_id[:128], status=self.status, error_code=self.error_code[:64],
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            latency_ms=self.latency_ms, ttft_ms=self.ttft_ms, streamed=self.streamed,
-            created_at=self.created_at,
-        )
+
+RECORD_COLUMNS = ("key_id", "model", "endpoint", "request_id", "status", "error_code", "prompt_tokens",
+                  "completion_tokens", "latency_ms", "ttft_ms", "streamed", "created_at")
+
+
+def insert_records(events: list[UsageEvent]) -> None:
+    """One executemany for the batch. bulk_create would build a model instance per row, which
+    made this thread (which shares the GIL with the event loop) cost 15% of the CPU under load."""
+    table = connection.ops.quote_name(UsageRecord._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(column) for column in RECORD_COLUMNS)
+    placeholders = ", ".join(["%s"] * len(RECORD_COLUMNS))
+    adapt_datetime = connection.ops.adapt_datetimefield_value
+    rows = [
+        (e.key_id, e.model[:200], e.endpoint[:100], e.request_id[:128], e.status, e.error_code[:64],
+         e.prompt_tokens, e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at))
+        for e in events
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", rows)
 
 
 def write_batch(events: list[UsageEvent]) -> None:
     """Store events, their daily roll-ups and the keys' last-used times, atomically."""
     with transaction.atomic():
-        UsageRecord.objects.bulk_create([event.as_record() for event in events])
+        insert_records(events)
         for (key_id, model, day), totals in rollup(events).items():
             add_to_rollup(key_id, model, day, totals)
         last_used: dict[int, datetime] = {}
