@@ -148,6 +148,9 @@ FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE = env_int("FASTCHAT_WORKER_API_EMBEDDIN
 FASTCHAT_CONTROLLER_TIMEOUT = env_float("FASTCHAT_CONTROLLER_TIMEOUT", 10)
 # How long the controller's model list is trusted before it is asked again.
 GATEWAY_MODEL_LIST_TTL = env_float("GATEWAY_MODEL_LIST_TTL", 5)
+# Seconds a model's worker addresses (several answers of the controller) are reused before the
+# controller is asked again; 0 asks it on every request.
+GATEWAY_WORKER_ADDRESS_TTL = env_float("GATEWAY_WORKER_ADDRESS_TTL", 1.0)
 # How often a dead worker address is traded for another before the request gets 503.
 GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
 # How long a key's state is trusted in process memory (revocations apply within this time).

@@ -7,6 +7,7 @@ Everything else is cached here, per process.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -20,16 +21,35 @@ T = TypeVar("T")
 
 # How long a template or context length fetched from a worker is trusted.
 WORKER_FACTS_TTL = 300.0
+# How many times the controller is asked for a model's worker when the address pool is renewed:
+# its dispatch (shortest queue, or a weighted lottery) hands out different workers in turn.
+DISCOVERY_CALLS = 3
+
+
+@dataclass
+class AddressPool:
+    """Worker addresses the controller handed out for a model recently, used in turn."""
+
+    addresses: list[str]
+    fetched_at: float
+    turn: int = 0
+
+    def next(self) -> str:
+        self.turn += 1
+        return self.addresses[self.turn % len(self.addresses)]
 
 
 class Backend:
     """Caches in front of a FastChatClient. One per process (see get_backend())."""
 
-    def __init__(self, client: FastChatClient, model_list_ttl: float, worker_retries: int, clock=time.monotonic):
+    def __init__(self, client: FastChatClient, model_list_ttl: float, worker_retries: int,
+                 address_ttl: float = 0.0, clock=time.monotonic):
         self.client = client
         self.model_list_ttl = model_list_ttl
         self.worker_retries = worker_retries
+        self.address_ttl = address_ttl
         self.clock = clock
+        self._address_pools: dict[str, AddressPool] = {}
         self._models: list[str] = []
         self._models_fetched_at = float("-inf")
         self._templates: dict[tuple[str, str], tuple[Template, float]] = {}
@@ -64,11 +84,26 @@ class Backend:
             cached = self._context_lengths[key] = (length, self.clock())
         return cached[0]
 
+    async def worker_address(self, model: str, fresh: bool = False) -> str:
+        """A worker for `model`: from the controller, or, when GATEWAY_WORKER_ADDRESS_TTL > 0,
+        from the pool of addresses it handed out in the last TTL seconds (one controller round
+        trip saved per request; the pool is renewed with several answers to keep load spread)."""
+        if self.address_ttl <= 0 or fresh:
+            return await self.client.get_worker_address(model)
+        pool = self._address_pools.get(model)
+        if pool is None or self.clock() - pool.fetched_at > self.address_ttl:
+            addresses = [await self.client.get_worker_address(model) for _ in range(DISCOVERY_CALLS)]
+            pool = self._address_pools[model] = AddressPool(list(dict.fromkeys(addresses)), self.clock())
+        return pool.next()
+
     def forget_worker(self, address: str) -> None:
         """Drop what is cached about a worker that stopped answering."""
         for cache in (self._templates, self._context_lengths):
             for key in [key for key in cache if key[0] == address]:
                 del cache[key]
+        for model, pool in list(self._address_pools.items()):
+            if address in pool.addresses:
+                del self._address_pools[model]
 
     async def on_worker(self, model: str, action: Callable[[str], Awaitable[T]]) -> T:
         """Run `action(worker_address)`, asking the controller again if the worker is gone.
@@ -76,8 +111,8 @@ class Backend:
         A killed worker stays listed by the controller for up to 90 s, so a refused
         connection is retried a bounded number of times, then answered with 503.
         """
-        for _ in range(self.worker_retries):
-            address = await self.client.get_worker_address(model)
+        for attempt in range(self.worker_retries):
+            address = await self.worker_address(model, fresh=attempt > 0)
             try:
                 return await action(address)
             except WorkerUnreachableError:
@@ -98,6 +133,7 @@ def get_backend() -> Backend:
             FastChatClient.from_settings(),
             model_list_ttl=settings.GATEWAY_MODEL_LIST_TTL,
             worker_retries=settings.GATEWAY_WORKER_RETRIES,
+            address_ttl=settings.GATEWAY_WORKER_ADDRESS_TTL,
         )
     return _backend
 

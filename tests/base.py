@@ -16,7 +16,9 @@ from openai_api.client import reset_http_client
 from tests.fakes import CONTROLLER, FakeFastChat
 
 
-@override_settings(CONTROLLER_ADDRESS=CONTROLLER, GATEWAY_WORKER_RETRIES=3)
+# The worker address is asked of the controller on every request (FastChat's way) unless a test
+# turns the address pool on.
+@override_settings(CONTROLLER_ADDRESS=CONTROLLER, GATEWAY_WORKER_RETRIES=3, GATEWAY_WORKER_ADDRESS_TTL=0)
 class GatewayTestCase(TestCase):
     def setUp(self) -> None:
         super().setUp()

@@ -35,6 +35,10 @@ class FakeFastChat:
     context_length: int = 2048
     reply: str = "Hello wörld, how are you today?"
     calls: list[tuple[str, dict | None]] = field(default_factory=list)
+    # The controller hands these out in turn; requests record which one they reached.
+    workers: list[str] = field(default_factory=lambda: [WORKER])
+    worker_hits: list[tuple[str, str]] = field(default_factory=list)  # (worker, path)
+    dead_workers: set[str] = field(default_factory=set)
     # Fault injection
     no_worker: bool = False
     worker_error: type[Exception] | None = None  # raised by the transport for worker calls
@@ -63,6 +67,10 @@ class FakeFastChat:
             if self.controller_error:
                 raise self.controller_error("controller down", request=request)
             return self.controller(path, payload)
+        worker = f"{request.url.scheme}://{request.url.host}"
+        self.worker_hits.append((worker, path))
+        if worker in self.dead_workers:
+            raise httpx.ConnectError("connection refused", request=request)
         if self.worker_error:
             raise self.worker_error("worker down", request=request)
         return await self.worker(path, payload)
@@ -72,7 +80,8 @@ class FakeFastChat:
             return httpx.Response(200, json={"models": self.models})
         if path == "/get_worker_address":
             served = payload["model"] in self.models and not self.no_worker
-            return httpx.Response(200, json={"address": WORKER if served else ""})
+            address = self.workers[self.paths().count("/get_worker_address") % len(self.workers)]
+            return httpx.Response(200, json={"address": address if served else ""})
         if path == "/refresh_all_workers":
             return httpx.Response(200, json=None)
         return httpx.Response(404, json={"detail": "Not Found"})

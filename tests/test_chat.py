@@ -1,6 +1,8 @@
 """POST /v1/chat/completions against FakeFastChat."""
 from __future__ import annotations
 
+from django.test import override_settings
+
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
 
@@ -68,3 +70,31 @@ class ChatCompletionTests(GatewayTestCase):
         self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
         self.assertEqual(chunks[-1]["choices"], [])
         self.assertGreater(chunks[-1]["usage"]["completion_tokens"], 0)
+
+
+@override_settings(GATEWAY_WORKER_ADDRESS_TTL=60)
+class WorkerAddressPoolTests(GatewayTestCase):
+    async def test_a_warm_request_goes_straight_to_the_worker(self):
+        await self.post(URL, chat(max_tokens=5))
+        self.fake.calls.clear()
+        response = await self.post(URL, chat(max_tokens=5))
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(self.fake.paths(), ["/worker_generate"])
+
+    async def test_the_pool_spreads_requests_over_the_workers_the_controller_hands_out(self):
+        self.fake.workers = ["http://worker-a.test", "http://worker-b.test"]
+        for _ in range(10):
+            self.assertEqual((await self.post(URL, chat(max_tokens=5))).status_code, 200)
+        generations = [worker for worker, path in self.fake.worker_hits if path == "/worker_generate"]
+        self.assertEqual(len(generations), 10)
+        self.assertEqual(generations.count("http://worker-a.test"), 5)
+        self.assertEqual(self.fake.paths().count("/get_worker_address"), 3)  # one renewal of the pool
+
+    async def test_a_dead_worker_in_the_pool_is_replaced_by_asking_the_controller(self):
+        self.fake.workers = ["http://worker-a.test", "http://worker-b.test"]
+        await self.post(URL, chat(max_tokens=5))
+        self.fake.dead_workers = {"http://worker-a.test"}
+        for _ in range(4):
+            self.assertEqual((await self.post(URL, chat(max_tokens=5))).status_code, 200)
+        served = [worker for worker, path in self.fake.worker_hits[-8:] if path == "/worker_generate"]
+        self.assertIn("http://worker-b.test", served)
