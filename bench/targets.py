@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class Target:
     api_key: str | None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     notes: str = ""
+    services: ExitStack | None = None  # servers the target needs (PostgreSQL, Redis), stopped last
 
     @property
     def pids(self) -> list[int]:
@@ -70,6 +72,8 @@ class Target:
     def stop(self) -> None:
         for proc in self.procs:
             stop_process(proc)
+        if self.services is not None:
+            self.services.close()
 
 
 def start_backend(workdir: Path) -> Backend:
@@ -138,9 +142,43 @@ def start_gateway(backend: Backend, workdir: Path) -> Target:
     return target
 
 
+def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> Target:
+    """The production shape: `processes` gateway processes (uvicorn) behind nginx, rendered
+    from deploy/nginx/gateway.conf, sharing a throwaway PostgreSQL and Redis."""
+    from tests.services import postgres, redis_server
+    from tests.test_nginx import render_nginx
+
+    services = ExitStack()
+    try:
+        pg, redis = services.enter_context(postgres()), services.enter_context(redis_server())
+        env = {"DJANGO_SETTINGS_MODULE": "gateway_project.settings", "CONTROLLER_ADDRESS": backend.controller_url,
+               "DATABASE_URL": pg.url, "REDIS_URL": redis.url}
+        manage(env, "migrate", "--noinput")
+        key = manage(env, "create_api_key", "bench").strip().splitlines()[-1]
+        ports, procs = [free_port() for _ in range(processes)], []
+        for i, port in enumerate(ports):
+            args = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port), "--loop", "uvloop",
+                    "--http", "httptools", "--lifespan", "off", "--no-access-log", "gateway_project.asgi:application"]
+            procs.append(start_process(args, env=env, log_path=workdir / f"gateway-nginx-{i}.log"))
+        nginx_dir = workdir / "nginx"
+        nginx_dir.mkdir(exist_ok=True)
+        nginx_port = free_port()
+        procs.append(start_process(["nginx", "-c", str(render_nginx(nginx_dir, nginx_port, ports)), "-p", str(nginx_dir)],
+                                   log_path=workdir / "nginx.log"))
+        target = Target(f"gateway-nginx{processes}", f"http://{HOST}:{nginx_port}", key, procs,
+                        f"{processes} uvicorn processes behind nginx, PostgreSQL + Redis", services)
+        for port in [*ports, nginx_port]:
+            wait_listening(target, port)
+        return target
+    except BaseException:
+        services.close()
+        raise
+
+
 TARGETS: dict[str, Callable[[Backend, Path], Target]] = {
     "fastchat": start_fastchat,
     "gateway": start_gateway,
+    "gateway-nginx2": start_gateway_nginx,
 }
 
 

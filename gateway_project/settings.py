@@ -102,6 +102,7 @@ API_MIDDLEWARE = [
 API_PATH_PREFIXES = ("/v1/", "/api/v1/", "/health", "/metrics")
 
 ROOT_URLCONF = "gateway_project.urls"
+API_URLCONF = "openai_api.urls"
 ASGI_APPLICATION = "gateway_project.asgi.application"
 
 TEMPLATES = [

@@ -17,7 +17,8 @@ ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaita
 class APIHandler(ASGIHandler):
     """Django's ASGI handler, lean for the API path.
 
-    - Its middleware chain is settings.API_MIDDLEWARE (async-only), not MIDDLEWARE.
+    - Its middleware chain is settings.API_MIDDLEWARE (async-only), not MIDDLEWARE, and its
+      URLconf is settings.API_URLCONF.
     - No thread hop per request: Django's handler runs the request_started receivers and
       response.close() through sync_to_async, each inside a fresh ThreadSensitiveContext, which
       starts and joins a thread per request (about a third of a chat request's CPU, measured).
@@ -37,6 +38,13 @@ class APIHandler(ASGIHandler):
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.handle(scope, receive, send)
+
+    def create_request(self, scope: dict, body_file: Any) -> tuple[Any, Any]:
+        request, error_response = super().create_request(scope, body_file)
+        if request is not None:
+            # Only the API's routes: the root URLconf would import the admin and DRF (23 MB).
+            request.urlconf = settings.API_URLCONF
+        return request, error_response
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         # Refuse an oversized body before reading it (Django would spool it all first).

@@ -1,3 +1,5 @@
+"""The OpenAI API's routes. Also the whole URLconf of the API handler (settings.API_URLCONF),
+so a process that serves only the API never imports the admin's or DRF's views."""
 from django.urls import path
 
 from openai_api import views
@@ -16,3 +18,6 @@ urlpatterns = [
     path("health/ready", views.ready),
     path("metrics", metrics_view),
 ]
+
+handler404 = "openai_api.views.not_found"
+handler500 = "openai_api.views.server_error"

@@ -8,9 +8,9 @@ from asgiref.testing import ApplicationCommunicator
 from gateway_project.asgi import application
 
 
-def http_scope(path: str, headers: dict[str, str]) -> dict:
+def http_scope(path: str, headers: dict[str, str], method: str = "POST") -> dict:
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
         "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
@@ -29,3 +29,18 @@ async def stream_then_disconnect(path: str, body: dict, headers: dict[str, str],
     await communicator.send_input({"type": "http.disconnect"})
     await communicator.wait(timeout=2)
     return parts
+
+
+async def request(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, bytes]:
+    """One request through the real ASGI application; returns (status, body)."""
+    communicator = ApplicationCommunicator(application, http_scope(path, headers or {}, method))
+    await communicator.send_input({"type": "http.request", "body": body})
+    start = await communicator.receive_output(timeout=5)
+    chunks = []
+    while True:
+        message = await communicator.receive_output(timeout=5)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await communicator.wait(timeout=1)
+    return start["status"], b"".join(chunks)

@@ -1,8 +1,11 @@
 """Bad input always gets an OpenAI-style JSON error with the right status, never a 500."""
 from __future__ import annotations
 
+import json
+
 from django.test import override_settings
 
+from tests import asgi
 from tests.base import GatewayTestCase
 
 CHAT = "/v1/chat/completions"
@@ -123,3 +126,21 @@ class ValidationTests(GatewayTestCase):
         params = self.fake.payloads("/worker_generate")[0]
         self.assertEqual(params["stop"][:3], ["A", "<|im_end|>", "B"])
         self.assertEqual(len(params["stop"]), len(set(params["stop"])))
+
+
+class ApiHandlerTests(GatewayTestCase):
+    """The API path as servers run it (openai_api/handler.py), not through the test client."""
+
+    async def test_unknown_api_routes_get_json_404_from_the_api_urlconf(self):
+        status, body = await asgi.request("GET", "/v1/nope")
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "unknown_url")
+
+    async def test_the_admin_is_not_routed_through_the_api_handler(self):
+        status, _ = await asgi.request("GET", "/admin/login/")
+        self.assertEqual(status, 200)
+
+    async def test_declared_oversized_bodies_get_413_before_being_read(self):
+        status, body = await asgi.request("POST", "/v1/chat/completions", {"content-length": str(10**9)})
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
