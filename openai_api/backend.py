@@ -7,8 +7,8 @@ Everything else is cached here, per process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from django.conf import settings
