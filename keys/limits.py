@@ -185,7 +185,8 @@ class MemoryLimitStore:
             if state.budget_period != period or state.budget_used is None:
                 state.budget_period, state.budget_used = period, used
 
-    def parallel_in_use(self, key_id: int) -> int:
+    async def parallel_in_use(self, key_id: int) -> int:
+        """Parallel slots held now (releases are immediate in memory)."""
         return self.states.get(key_id, KeyState()).parallel
 
 
@@ -315,6 +316,8 @@ class RedisLimitStore:
         task.add_done_callback(_pending_releases.discard)
 
     async def parallel_in_use(self, key_id: int) -> int:
+        """Parallel slots held now, after the releases already under way have landed."""
+        await asyncio.gather(*_pending_releases, return_exceptions=True)
         return await self.client().zcard(f"{self.prefix}:{{{key_id}}}:parallel")
 
 

@@ -90,10 +90,12 @@ class KeyCache:
         future = asyncio.get_running_loop().create_future()
         self._loading[digest] = future
         try:
+            # Stamped before the query: a change committed while it runs is seen within the TTL.
+            loaded_at = self.clock()
             info = await sync_to_async(load_key, thread_sensitive=True)(digest)
             if len(self._entries) >= MAX_CACHED_KEYS:
                 self._entries.clear()
-            self._entries[digest] = (info, self.clock())
+            self._entries[digest] = (info, loaded_at)
             future.set_result(info)
             return info
         except BaseException as exc:

@@ -5,14 +5,6 @@ import pytest
 
 from tests.services import under_services_wrapper
 
-# Tests written against the memory store's synchronous inspection (store.parallel_in_use(...)
-# returning an int): under PostgreSQL + Redis they keep the memory store; their Redis
-# counterparts are in tests/test_redis_limits.py.
-MEMORY_STORE_TESTS = {
-    "tests/test_limits.py::ApiLimitTests::test_parallel_slots_are_released_on_every_path",
-}
-
-
 @pytest.fixture(autouse=True, scope="session")
 def keep_the_test_transactions_connection():
     """A TestCase runs inside a transaction (autocommit off), which close_old_connections()
@@ -41,7 +33,7 @@ def usage_written_by_the_test(settings):
 
 
 @pytest.fixture(autouse=True)
-def empty_redis(request, settings):
+def empty_redis(settings):
     """Under `python -m tests.services` (PostgreSQL + Redis) every test starts with an empty
     Redis, so no limit counted by an earlier test (or gateway process) leaks into it. Only the
     throwaway Redis that wrapper started is flushed, never one REDIS_URL merely points at."""
@@ -53,5 +45,3 @@ def empty_redis(request, settings):
             client.flushdb()
         finally:
             client.close()
-        if request.node.nodeid in MEMORY_STORE_TESTS:
-            settings.REDIS_URL = ""

@@ -60,12 +60,12 @@ class ApiLimitTests(GatewayTestCase):
         response = await self.post(CHAT, {**BODY, "stream": True})
         await read_stream(response)
         self.fake.error_chunk_after = None
-        self.assertEqual(store.parallel_in_use(self.key.pk), 0)
+        self.assertEqual(await store.parallel_in_use(self.key.pk), 0)
         # A stream abandoned by its client.
         self.fake.chunk_delay = 0.05
         await stream_then_disconnect(CHAT, {**BODY, "stream": True}, self.auth, body_messages=2)
         self.assertEqual(self.fake.stream_closed[-1], True)
-        self.assertEqual(store.parallel_in_use(self.key.pk), 0)
+        self.assertEqual(await store.parallel_in_use(self.key.pk), 0)
         self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
 
     async def test_keys_without_limits_get_no_headers(self):
@@ -116,7 +116,7 @@ class MemoryStoreTests(GatewayTestCase):
         lease = await self.store.acquire(limits)
         await self.store.release(lease, 0)
         await self.store.release(lease, 0)
-        self.assertEqual(self.store.parallel_in_use(1), 0)
+        self.assertEqual(await self.store.parallel_in_use(1), 0)
         await self.store.acquire(limits)
         with self.assertRaises(RateLimitError):
             await self.store.acquire(limits)
