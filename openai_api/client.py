@@ -62,10 +62,13 @@ def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None
     _transports.clear()
 
 
-async def post(url: str, content: bytes, timeout: httpx.Timeout) -> httpx.Response:
+Timeouts = dict[str, float | None]  # httpx's timeout extension: connect, read, write, pool
+
+
+async def post(url: str, content: bytes, timeout: Timeouts) -> httpx.Response:
     """POST and return the response with its body still unread (the caller closes it)."""
     request = httpx.Request("POST", url, content=content, headers=JSON_HEADERS,
-                            extensions={"timeout": timeout.as_dict()})
+                            extensions={"timeout": timeout})
     try:
         return await get_transport().handle_async_request(request)
     except httpx.HTTPError as exc:
@@ -91,8 +94,8 @@ class FastChatClient:
 
     def __init__(self, controller_address: str, worker_timeout: float, controller_timeout: float):
         self.controller_address = controller_address
-        self.worker_timeout = httpx.Timeout(worker_timeout)
-        self.controller_timeout = httpx.Timeout(controller_timeout)
+        self.worker_timeout: Timeouts = httpx.Timeout(worker_timeout).as_dict()
+        self.controller_timeout: Timeouts = httpx.Timeout(controller_timeout).as_dict()
 
     @classmethod
     def from_settings(cls) -> FastChatClient:
@@ -172,7 +175,7 @@ class FastChatClient:
     async def _worker(self, address: str, path: str, payload: dict) -> Any:
         return await self._post(address + path, payload, self.worker_timeout)
 
-    async def _post(self, url: str, payload: dict | None, timeout: httpx.Timeout) -> Any:
+    async def _post(self, url: str, payload: dict | None, timeout: Timeouts) -> Any:
         content = orjson.dumps(payload) if payload is not None else b""
         response = await post(url, content, timeout)
         try:

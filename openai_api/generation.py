@@ -70,6 +70,9 @@ def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: i
 async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     """Like asyncio.gather, but the first failure (or a cancellation) cancels the rest and is
     raised as is. Results that were ready are closed if they have an aclose() (open streams)."""
+    awaitables = list(awaitables)
+    if len(awaitables) == 1:  # the common n=1 case: no task to create
+        return [await awaitables[0]]
     tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
     try:
         return list(await asyncio.gather(*tasks))

@@ -19,12 +19,14 @@ class APIHandler(ASGIHandler):
 
     - Its middleware chain is settings.API_MIDDLEWARE (async-only), not MIDDLEWARE, and its
       URLconf is settings.API_URLCONF.
-    - No thread hop per request: Django's handler runs the request_started receivers and
-      response.close() through sync_to_async, each inside a fresh ThreadSensitiveContext, which
-      starts and joins a thread per request (about a third of a chat request's CPU, measured).
-      The API path does no ORM work on the event loop thread (keys come from a cache, usage is
-      written by a thread of its own), so those receivers have nothing to do here; close() runs
-      inline. The rest follows Django 5.2's ASGIHandler.handle.
+    - No request signals and no thread hop per request: Django's handler runs the
+      request_started receivers and response.close() (which sends request_finished) through
+      sync_to_async, each inside a fresh ThreadSensitiveContext, which starts and joins a thread
+      per request (about a third of a chat request's CPU, measured). Those receivers reset
+      database connections, and the API path uses none on the event loop (keys come from a
+      cache, usage is written by a thread of its own, both recycle their own connections); its
+      responses hold no resources to close (streams close their generator themselves). The rest
+      follows Django 5.2's ASGIHandler.handle.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -60,16 +62,13 @@ class APIHandler(ASGIHandler):
         if request is None:
             body_file.close()
             await self.send_response(error_response, send)
-            error_response.close()
             return
-        response = await self.respond_until_disconnect(request, receive, send)
-        if response is not None:
-            response.close()
+        await self.respond_until_disconnect(request, receive, send)
         body_file.close()
 
-    async def respond_until_disconnect(self, request: Any, receive: Any, send: Any) -> Any:
+    async def respond_until_disconnect(self, request: Any, receive: Any, send: Any) -> None:
         """Send the response; if the client disconnects first, cancel the view (which closes
-        its upstream streams) and return None."""
+        its upstream streams)."""
         responder = asyncio.create_task(self.get_and_send_response(request, send))
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
         await asyncio.wait([responder, listener], return_when=asyncio.FIRST_COMPLETED)
@@ -80,7 +79,6 @@ class APIHandler(ASGIHandler):
                 await task
             except (asyncio.CancelledError, RequestAborted):
                 pass
-        return None if responder.cancelled() else responder.result()
 
     async def get_and_send_response(self, request: Any, send: Any) -> Any:
         response = await self.run_get_response(request)
