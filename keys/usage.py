@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from django.utils import timezone
 from keys.models import APIKey, UsageDaily, UsageRecord
 
 logger = logging.getLogger(__name__)
+
+# The writer thread applies the retention a minute after start, then once a day.
+PRUNE_DELAY = 60.0
+PRUNE_INTERVAL = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -155,10 +160,26 @@ class UsageWriter:
             self._flush_safely()
 
     def _run(self) -> None:
+        next_prune = time.monotonic() + PRUNE_DELAY
         while not self._stopping:
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
             self._flush_safely()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
+                self._prune_safely()
+
+    def _prune_safely(self) -> None:
+        """Apply USAGE_RETENTION_DAYS (0 keeps every row). Every process does it once a day;
+        a second delete of the same old rows finds nothing."""
+        if settings.USAGE_RETENTION_DAYS <= 0:
+            return
+        try:
+            deleted = prune(settings.USAGE_RETENTION_DAYS)
+            if deleted:
+                logger.info("Pruned %d usage rows older than %d days", deleted, settings.USAGE_RETENTION_DAYS)
+        except Exception:
+            logger.exception("Usage pruning failed; it is tried again in a day")
 
     def _flush_safely(self) -> None:
         try:

@@ -79,3 +79,16 @@ class UsageTests(GatewayTestCase):
         self.assertEqual(await sync_to_async(usage.prune)(90), 1)
         self.assertEqual(await UsageRecord.objects.acount(), 0)
         self.assertEqual(await UsageDaily.objects.acount(), 1)
+
+
+class RetentionTests(GatewayTestCase):
+    async def test_the_writer_applies_the_retention_setting(self):
+        await self.post(CHAT, BODY)
+        await flush()
+        await UsageRecord.objects.aupdate(created_at=timezone.now() - timedelta(days=10))
+        with self.settings(USAGE_RETENTION_DAYS=0):
+            await sync_to_async(usage_writer._prune_safely)()
+        self.assertEqual(await UsageRecord.objects.acount(), 1)
+        with self.settings(USAGE_RETENTION_DAYS=7):
+            await sync_to_async(usage_writer._prune_safely)()
+        self.assertEqual(await UsageRecord.objects.acount(), 0)
