@@ -158,6 +158,8 @@ GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
 # On SIGTERM, streams still running after this many seconds end with an error event.
 GATEWAY_DRAIN_SECONDS = env_float("GATEWAY_DRAIN_SECONDS", 20)
+# Young-generation threshold of Python's cyclic GC in served processes (0 keeps Python's 700).
+GATEWAY_GC_GEN0_THRESHOLD = env_int("GATEWAY_GC_GEN0_THRESHOLD", 20000)
 # One JSON line per API request on the "gateway.access" logger.
 GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
 # When set, GET /metrics needs "Authorization: Bearer <this token>".
