@@ -5,10 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install install-test system-deps lint
 
-# Services the tests use: Redis, nginx, Chromium (PostgreSQL 15 ships with the machine image;
-# it is installed too when missing). Debian packages; needs root, as on CI.
-SYSTEM_PACKAGES := redis-server nginx-light chromium postgresql-15
-
+# Services the tests use: Redis, nginx, Chromium and PostgreSQL 15 (Debian packages, installed
+# when missing; needs root, as on CI).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -34,6 +32,7 @@ demo: install
 	$(BIN)/python manage.py demo
 
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/python manage.py check
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python -m pytest

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
-from django.db.models import F, Max
+from django.db.models import F
 from django.utils import timezone
 
 from keys.models import APIKey, UsageDaily, UsageRecord
@@ -215,7 +215,3 @@ def prune(retention_days: int) -> int:
     cutoff = timezone.now() - timedelta(days=retention_days)
     deleted, _ = UsageRecord.objects.filter(created_at__lt=cutoff).delete()
     return deleted
-
-
-def last_flushed_at() -> datetime | None:
-    return UsageRecord.objects.aggregate(latest=Max("created_at"))["latest"]

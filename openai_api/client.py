@@ -111,9 +111,6 @@ class FastChatClient:
         data = await self._controller("/list_models")
         return list(data["models"])
 
-    async def refresh_all_workers(self) -> None:
-        await self._controller("/refresh_all_workers")
-
     async def get_worker_address(self, model: str) -> str:
         """The address of a worker serving `model`; raises UpstreamUnavailableError if none."""
         data = await self._controller("/get_worker_address", {"model": model})

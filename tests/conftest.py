@@ -5,6 +5,7 @@ import pytest
 
 from tests.services import under_services_wrapper
 
+
 @pytest.fixture(autouse=True, scope="session")
 def keep_the_test_transactions_connection():
     """A TestCase runs inside a transaction (autocommit off), which close_old_connections()

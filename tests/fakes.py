@@ -11,8 +11,9 @@ import base64
 import dataclasses
 import json
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 from fastchat.conversation import get_conv_template

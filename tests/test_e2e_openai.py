@@ -118,7 +118,7 @@ def test_embeddings_float_and_base64(client):
     floats = client.embeddings.create(model=EMBED_MODEL, input=inputs, encoding_format="float")
     base64s = client.embeddings.create(model=EMBED_MODEL, input=inputs)  # the client asks for base64
     assert [item.index for item in floats.data] == list(range(5))
-    for a, b in zip(floats.data, base64s.data):
+    for a, b in zip(floats.data, base64s.data, strict=True):
         assert a.embedding == pytest.approx(b.embedding, abs=1e-6)
     assert floats.usage.prompt_tokens > 0
 

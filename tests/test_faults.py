@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.asgi import stream_then_disconnect
 from openai_api.client import reset_http_client
+from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
 

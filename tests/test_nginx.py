@@ -14,7 +14,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_process import start_gateway
-from tests.procs import REPO_ROOT, free_port, start_controller, start_demo_worker, stop_process, wait_for_models, wait_for_port
+from tests.procs import (
+    REPO_ROOT,
+    free_port,
+    start_controller,
+    start_demo_worker,
+    stop_process,
+    wait_for_models,
+    wait_for_port,
+)
 from tests.services import services
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed")]
@@ -94,7 +102,7 @@ def test_streamed_chunks_reach_the_client_as_they_are_produced(stack):
                     arrivals.append(time.monotonic())
     finally:
         httpx.post(stack["worker"] + "/_fake/reset").raise_for_status()
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert len(gaps) >= 3, arrivals
     assert min(gaps) >= 0.15, gaps
     assert statistics.median(gaps) < 1.0, gaps
@@ -119,7 +127,7 @@ def test_requests_are_spread_over_both_processes(stack):
             return [r.status_code for r in responses]
 
     assert asyncio.run(burst()) == [200] * 40
-    served = [requests_served(g) - b for g, b in zip(stack["gateways"], before)]
+    served = [requests_served(g) - b for g, b in zip(stack["gateways"], before, strict=True)]
     assert sum(served) == 40
     assert min(served) >= 5, served
 
