@@ -317,7 +317,8 @@ class RedisLimitStore:
 
     async def parallel_in_use(self, key_id: int) -> int:
         """Parallel slots held now, after the releases already under way have landed."""
-        await asyncio.gather(*_pending_releases, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(t for t in _pending_releases if t.get_loop() is loop), return_exceptions=True)
         return await self.client().zcard(f"{self.prefix}:{{{key_id}}}:parallel")
 
 
