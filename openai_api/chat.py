@@ -13,16 +13,17 @@ from openai_api.errors import InvalidRequestError
 from openai_api.generation import (
     PrimedStream,
     TextDelta,
-    close_all,
+    finish_stream,
     fit_max_tokens,
     gather_all,
     open_primed_stream,
+    streamed_usage,
     sum_usage,
     worker_params,
 )
 from openai_api.ids import random_id
 from openai_api.protocol import ChatRequest
-from openai_api.streaming import guarded, merge, sse_event
+from openai_api.streaming import merge, sse_event
 
 
 async def chat_params(backend: Backend, address: str, request: ChatRequest) -> dict[str, Any]:
@@ -118,15 +119,6 @@ def chat_completion_events(request: ChatRequest, streams: list[PrimedStream], ct
             if state.take_finish(stream_ended=True):
                 yield chunk([choice(index, {}, state.finish_reason)])
         if include_usage:
-            yield chunk([], usage=sum_usage([states_usage(states)]))
+            yield chunk([], usage=streamed_usage(states, len(states)))
 
-    async def on_end(status: int, error_code: str) -> None:
-        ctx.add_usage(sum_usage([states_usage(states)]))
-        await close_all(streams)
-        ctx.finish(status, error_code)
-
-    return guarded(events(), on_end, streams)
-
-
-def states_usage(states: list[TextDelta]) -> list[dict[str, Any]]:
-    return [{"usage": state.usage} for state in states]
+    return finish_stream(events(), streams, states, len(states), ctx)

@@ -12,16 +12,17 @@ from openai_api.conversation import stop_list
 from openai_api.generation import (
     PrimedStream,
     TextDelta,
-    close_all,
+    finish_stream,
     fit_max_tokens,
     gather_all,
     open_primed_stream,
+    streamed_usage,
     sum_usage,
     worker_params,
 )
 from openai_api.ids import random_id
 from openai_api.protocol import CompletionRequest
-from openai_api.streaming import guarded, merge, sse_event
+from openai_api.streaming import merge, sse_event
 
 
 async def completion_params(backend: Backend, address: str, request: CompletionRequest, prompts: list[str], *, stream: bool) -> list[dict[str, Any]]:
@@ -99,10 +100,6 @@ def completion_events(request: CompletionRequest, streams: list[PrimedStream], c
             body["usage"] = None
         return sse_event(body)
 
-    def usage() -> dict[str, int]:
-        per_choice = [{"usage": state.usage} for state in states]
-        return sum_usage(per_choice[i:i + n] for i in range(0, len(per_choice), n))
-
     async def events() -> AsyncIterator[bytes]:
         ctx.mark_first_token()
         async for index, worker_chunk in merge([stream.chunks() for stream in streams]):
@@ -119,11 +116,6 @@ def completion_events(request: CompletionRequest, streams: list[PrimedStream], c
                 yield chunk(index, "", None, state.finish_reason)
         if include_usage:
             yield sse_event({"id": completion_id, "object": "text_completion", "created": created,
-                             "model": request.model, "choices": [], "usage": usage()})
+                             "model": request.model, "choices": [], "usage": streamed_usage(states, n)})
 
-    async def on_end(status: int, error_code: str) -> None:
-        ctx.add_usage(usage())
-        await close_all(streams)
-        ctx.finish(status, error_code)
-
-    return guarded(events(), on_end, streams)
+    return finish_stream(events(), streams, states, n, ctx)

@@ -8,8 +8,10 @@ from typing import Any, TypeVar
 
 from openai_api.backend import Backend
 from openai_api.client import WorkerStream, check_worker_error
+from openai_api.context import RequestContext
 from openai_api.errors import ContextLengthError, UpstreamError
 from openai_api.protocol import Sampling
+from openai_api.streaming import guarded
 
 T = TypeVar("T")
 
@@ -176,3 +178,22 @@ def sum_usage(per_prompt: Iterable[list[dict[str, Any]]]) -> dict[str, int]:
         prompt_tokens += max((usage.get("prompt_tokens", 0) for usage in usages), default=0)
         completion_tokens += sum(usage.get("completion_tokens", 0) for usage in usages)
     return usage_block(prompt_tokens, completion_tokens)
+
+
+def streamed_usage(states: list[TextDelta], n: int) -> dict[str, int]:
+    """Usage so far of streams in prompt-major order (n choices per prompt)."""
+    per_choice = [{"usage": state.usage} for state in states]
+    return sum_usage(per_choice[i:i + n] for i in range(0, len(per_choice), n))
+
+
+def finish_stream(events: AsyncIterator[bytes], streams: list[PrimedStream], states: list[TextDelta], n: int,
+                  ctx: RequestContext) -> AsyncIterator[bytes]:
+    """Wrap a stream's events (streaming.guarded): when it ends, however it ends, record the
+    tokens produced so far, close the worker streams and finish the request."""
+
+    async def on_end(status: int, error_code: str) -> None:
+        ctx.add_usage(streamed_usage(states, n))
+        await close_all(streams)
+        ctx.finish(status, error_code)
+
+    return guarded(events, on_end, streams)
