@@ -66,8 +66,9 @@ class Template:
     def from_worker(cls, conv: dict[str, Any]) -> Template:
         """Build from the "conv" dict of /worker_get_conv_template.
 
-        Unknown keys (HEAD's system_message_vision, max_image_size_mb) are ignored;
-        a missing release key raises KeyError.
+        Unknown keys are ignored; a missing release key raises KeyError. A worker of FastChat's
+        unreleased main branch (its templates carry system_message_vision / max_image_size_mb)
+        numbers the styles differently: its numbers are translated to the release's.
         """
         stop_str = conv["stop_str"]
         stop_token_ids = conv["stop_token_ids"]
@@ -78,7 +79,7 @@ class Template:
             roles=tuple(conv["roles"]),
             messages=tuple((role, message) for role, message in conv["messages"]),
             offset=conv["offset"],
-            sep_style=conv["sep_style"],
+            sep_style=release_sep_style(conv),
             sep=conv["sep"],
             sep2=conv["sep2"],
             stop_str=stop_str if not isinstance(stop_str, list) else tuple(stop_str),
@@ -89,6 +90,24 @@ class Template:
     def stop_strings(self) -> list[str]:
         """stop_str as a list, without falsy values."""
         return _as_list(self.stop_str)
+
+
+# FastChat's main branch inserted LLAMA3 = 8 (shifting CHATGLM ... YUAN2 up by one) and
+# appended GEMMA = 21, CLLM = 22, DEFAULT = 23, which the release has no renderer for.
+HEAD_TEMPLATE_KEYS = frozenset({"system_message_vision", "max_image_size_mb"})
+HEAD_ONLY_STYLES = {8: "LLAMA3", 21: "GEMMA", 22: "CLLM", 23: "DEFAULT"}
+HEAD_ONLY_STYLE = -1
+
+
+def release_sep_style(conv: dict[str, Any]) -> Any:
+    """The template's sep_style in release 0.2.36 numbering; HEAD-only styles become
+    HEAD_ONLY_STYLE (rendering them raises a PromptError that says so)."""
+    style = conv["sep_style"]
+    if not HEAD_TEMPLATE_KEYS & conv.keys() or not isinstance(style, int):
+        return style
+    if style in HEAD_ONLY_STYLES:
+        return HEAD_ONLY_STYLE
+    return style - 1 if 9 <= style <= 20 else style
 
 
 def stop_list(request_stop: str | list[str] | None, template: Template) -> list[str]:
@@ -133,6 +152,11 @@ def _as_list(stop: str | Iterable[str] | None) -> list[str]:
 
 def _renderer(template: Template) -> Callable[[Template], str]:
     render = RENDERERS.get(template.sep_style)
+    if template.sep_style == HEAD_ONLY_STYLE:
+        raise PromptError(
+            f"Conversation template {template.name!r} uses a separator style of FastChat's main "
+            f"branch ({', '.join(HEAD_ONLY_STYLES.values())}) that FastChat 0.2.36 does not have."
+        )
     if render is None:
         raise PromptError(
             f"Conversation template {template.name!r} has separator style "

@@ -340,3 +340,34 @@ def test_stop_list_matches_fastchat_set(name: str) -> None:
     stops = stop_list(["STOP"], Template.from_worker(conv))
     assert set(stops) == fastchat_stop(["STOP"], conv["stop_str"]) - {""}
     assert stops[0] == "STOP"
+
+
+# Workers of FastChat's unreleased main branch number the separator styles differently.
+
+
+def head_worker_template(name: str, head_style: int) -> dict:
+    conv = worker_conv(name)
+    conv["sep_style"] = head_style
+    conv["system_message_vision"] = ""
+    conv["max_image_size_mb"] = None
+    return conv
+
+
+@pytest.mark.parametrize("name", ["qwen-7b-chat", "chatglm2", "yuan2", "deepseek-chat"])
+def test_it_translates_the_main_branchs_style_numbers(name):
+    release = worker_conv(name)
+    head = head_worker_template(name, release["sep_style"] + 1)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert build_prompt(Template.from_worker(head), messages) == build_prompt(Template.from_worker(release), messages)
+
+
+def test_styles_shared_by_both_numberings_are_unchanged():
+    head = head_worker_template("vicuna_v1.1", 2)
+    assert Template.from_worker(head).sep_style == 2
+
+
+@pytest.mark.parametrize("head_style", [8, 21, 22, 23])
+def test_the_main_branchs_own_styles_are_refused_by_name(head_style):
+    template = Template.from_worker(head_worker_template("vicuna_v1.1", head_style))
+    with pytest.raises(PromptError, match="main branch"):
+        build_prompt(template, [{"role": "user", "content": "Hi"}])
