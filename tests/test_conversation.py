@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 import pytest
-from fastchat.conversation import Conversation, conv_templates, get_conv_template
 from fastchat.conversation import SeparatorStyle as FastChatStyle
+from fastchat.conversation import conv_templates, get_conv_template
 
 from openai_api.conversation import (
     IMAGE_PLACEHOLDER,
@@ -18,6 +18,7 @@ from openai_api.conversation import (
     build_prompt,
     stop_list,
 )
+from tests.fastchat_reference import fastchat_conversation
 
 # Templates a release worker can serve; the rest (chatgpt, bard, …) are API-only and
 # have no separator style, so a worker would fail at int(None) on startup.
@@ -48,19 +49,7 @@ def worker_conv(name: str, **extra: Any) -> dict[str, Any]:
 
 def fastchat_prompt(conv: dict[str, Any], messages: list[dict]) -> tuple[str, list]:
     """Build (prompt, images) the way release openai_api_server.get_gen_params does."""
-    c = Conversation(
-        name=conv["name"],
-        system_template=conv["system_template"],
-        system_message=conv["system_message"],
-        roles=conv["roles"],
-        messages=list(conv["messages"]),
-        offset=conv["offset"],
-        sep_style=FastChatStyle(conv["sep_style"]),
-        sep=conv["sep"],
-        sep2=conv["sep2"],
-        stop_str=conv["stop_str"],
-        stop_token_ids=conv["stop_token_ids"],
-    )
+    c = fastchat_conversation(conv)
     for message in messages:
         role, content = message["role"], message["content"]
         if role == "system":

@@ -44,8 +44,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from aiohttp import ClientSession, ClientTimeout, web  # noqa: E402
-from fastchat.conversation import Conversation, SeparatorStyle  # noqa: E402
 
+from tests.fastchat_reference import fastchat_conversation  # noqa: E402
 from tests.gateway_process import Gateway, start_gateway  # noqa: E402
 from tests.procs import HOST, free_port, start_controller, start_process, stop_process, wait_for_port  # noqa: E402
 from tests.tiny_model import MODELS_DIR, build_tiny_model  # noqa: E402
@@ -298,19 +298,7 @@ def fastchat_gen_params(conv_dict: dict[str, Any], model: str, messages: str | l
                         stop: str | list[str] | None = None, best_of: int | None = None,
                         use_beam_search: bool | None = None) -> dict[str, Any]:
     """fastchat.serve.openai_api_server.get_gen_params (release 0.2.36), line for line."""
-    conv = Conversation(
-        name=conv_dict["name"],
-        system_template=conv_dict["system_template"],
-        system_message=conv_dict["system_message"],
-        roles=conv_dict["roles"],
-        messages=list(conv_dict["messages"]),
-        offset=conv_dict["offset"],
-        sep_style=SeparatorStyle(conv_dict["sep_style"]),
-        sep=conv_dict["sep"],
-        sep2=conv_dict["sep2"],
-        stop_str=conv_dict["stop_str"],
-        stop_token_ids=conv_dict["stop_token_ids"],
-    )
+    conv = fastchat_conversation(conv_dict)
     images: list[str] = []
     if isinstance(messages, str):
         prompt = messages
