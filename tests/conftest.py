@@ -12,7 +12,8 @@ def keep_the_test_transactions_connection():
     takes for a broken connection and closes: on PostgreSQL that ends the test's transaction
     (SQLite ignores closing its in-memory test database). Django's test client disconnects
     close_old_connections from the request signals for this reason; the gateway also calls it
-    directly (openai_api/auth.py load_key), so connections inside a transaction are kept."""
+    directly (openai_api/auth.py load_key), and so does channels' database_sync_to_async (the
+live view's consumer), so connections inside a transaction are kept."""
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     original = BaseDatabaseWrapper.close_if_unusable_or_obsolete
