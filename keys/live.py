@@ -2,12 +2,16 @@
 
 The request path calls `push_usage_event` (a usage_writer listener) synchronously at the end of
 every API request. It never waits: it schedules `group_send` as a task on the running loop, and
-with the in-memory layer it does nothing at all when no staff member watches. With Redis the
-watchers may sit on another replica, so every event is sent (one Redis call, off the request).
+does nothing at all when no staff member watches. With the in-memory layer that is read from the
+group itself. With Redis the watchers may sit on another replica: each open socket keeps an entry
+in a shared sorted set (`WatcherPresence`), and each process reads that set at most once a
+second, off the request path, instead of sending every event to Redis. A socket opened on another
+replica therefore sees events from this one after at most about a second.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict
@@ -26,8 +30,52 @@ logger = logging.getLogger(__name__)
 GROUP = "admin-usage-live"
 MESSAGE_TYPE = "usage.event"
 WARNING_INTERVAL = 60.0
-_tasks: set[asyncio.Task] = set()  # strong references until each send finishes
+PRESENCE_KEY = "gateway:live-watchers"  # sorted set: a watcher's channel name -> its expiry (unix s)
+PRESENCE_TTL = 60.0  # an open socket renews its entry every third of this; a crashed one expires
+PRESENCE_RECHECK = 1.0  # seconds between two reads of the set by one process
+_tasks: set[asyncio.Task] = set()  # strong references until each send or check finishes
 _last_warning = -WARNING_INTERVAL
+
+
+class WatcherPresence:
+    """Whether anyone watches on any replica, for layers shared through Redis.
+
+    ``maybe_watched`` answers from the last read of PRESENCE_KEY and starts a new read (a task)
+    when that one is over PRESENCE_RECHECK old. Until the first read, and whenever a read
+    fails, the answer is yes: an event sent for nobody costs less than one lost.
+    """
+
+    def __init__(self) -> None:
+        self.watched = True
+        self.checked_at = -PRESENCE_RECHECK
+
+    def maybe_watched(self, layer) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at >= PRESENCE_RECHECK:
+            self.checked_at = now
+            _keep(asyncio.get_running_loop().create_task(self.check(layer)))
+        return self.watched
+
+    async def check(self, layer) -> None:
+        try:
+            count = await layer.connection(0).zcount(PRESENCE_KEY, time.time(), "+inf")
+        except Exception:
+            self.watched = True
+            raise
+        self.watched = count > 0
+
+    async def join(self, layer, channel_name: str) -> None:
+        """Announce a watcher (again, to renew it); this process knows at once."""
+        self.watched = True
+        connection = layer.connection(0)
+        await connection.zremrangebyscore(PRESENCE_KEY, "-inf", time.time())
+        await connection.zadd(PRESENCE_KEY, {channel_name: time.time() + PRESENCE_TTL})
+
+    async def leave(self, layer, channel_name: str) -> None:
+        await layer.connection(0).zrem(PRESENCE_KEY, channel_name)
+
+
+presence = WatcherPresence()
 
 
 def push_usage_event(event: UsageEvent) -> None:
@@ -39,16 +87,26 @@ def push_usage_event(event: UsageEvent) -> None:
     layer = get_channel_layer()
     if layer is None or not has_watchers(layer):
         return
-    task = loop.create_task(layer.group_send(GROUP, event_message(event)))
-    _tasks.add(task)
-    task.add_done_callback(_finished)
+    _keep(loop.create_task(layer.group_send(GROUP, event_message(event))))
 
 
 def has_watchers(layer) -> bool:
-    """False only when we can tell cheaply that nobody is in the group (in-memory layer)."""
+    """False when nobody is in the group (in-memory layer) or in the presence set (Redis)."""
     if isinstance(layer, InMemoryChannelLayer):
         return bool(layer.groups.get(GROUP))
+    if shares_presence(layer):
+        return presence.maybe_watched(layer)
     return True
+
+
+def shares_presence(layer) -> bool:
+    """Layers with a Redis connection (channels_redis) keep the presence set beside their groups."""
+    return hasattr(layer, "connection") and hasattr(layer, "ring_size")
+
+
+def _keep(task: asyncio.Task) -> None:
+    _tasks.add(task)
+    task.add_done_callback(_finished)
 
 
 def event_message(event: UsageEvent) -> dict:
@@ -64,7 +122,7 @@ def _finished(task: asyncio.Task) -> None:
         return
     if time.monotonic() - _last_warning > WARNING_INTERVAL:  # one line a minute while Redis is down
         _last_warning = time.monotonic()
-        logger.warning("Live usage events not delivered: %r", task.exception())
+        logger.warning("Live usage events may not be delivered: %r", task.exception())
 
 
 class LiveUsageConsumer(AsyncJsonWebsocketConsumer):
@@ -76,10 +134,23 @@ class LiveUsageConsumer(AsyncJsonWebsocketConsumer):
             return
         self.key_labels: dict[int, str] = {}
         await self.channel_layer.group_add(GROUP, self.channel_name)
+        self.renewal = None
+        if shares_presence(self.channel_layer):
+            await presence.join(self.channel_layer, self.channel_name)
+            self.renewal = asyncio.create_task(self.renew_presence())
         await self.accept()
+
+    async def renew_presence(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_TTL / 3)
+            with contextlib.suppress(Exception):  # Redis away: the entry expires, events resume on return
+                await presence.join(self.channel_layer, self.channel_name)
 
     async def disconnect(self, code) -> None:
         await self.channel_layer.group_discard(GROUP, self.channel_name)
+        if getattr(self, "renewal", None) is not None:
+            self.renewal.cancel()
+            await presence.leave(self.channel_layer, self.channel_name)
 
     async def receive_json(self, content, **kwargs) -> None:
         """The view only listens; anything the browser sends is ignored."""

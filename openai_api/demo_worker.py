@@ -170,8 +170,9 @@ async def generate_stream(
         # FastChat's loop never runs, so its final yield reads an unbound local: HTTP 500.
         raise UnboundLocalError("cannot access local variable 'output'")
     prompt_len, output_tokens = len(input_tokens), list(input_tokens)
-    token_logprobs: list[float | None] = [None]
-    token_logprobs += [fake_logprob(k) for k in range(1, prompt_len)]
+    token_logprobs: list[float | None] = []
+    if logprobs is not None:  # only read when asked for; building it costs more than the rest
+        token_logprobs = [None, *(fake_logprob(k) for k in range(1, prompt_len))]
     after_text = echo and bool(decode(input_tokens))
     stopped, output, ret_logprobs = False, "", None
 
@@ -182,7 +183,8 @@ async def generate_stream(
             await asyncio.sleep(settings.token_delay)
         token = reply_token(i, settings.reply_words, after_text or i > 0)
         output_tokens.append(token)
-        token_logprobs.append(fake_logprob(len(output_tokens) - 1))
+        if logprobs is not None:
+            token_logprobs.append(fake_logprob(len(output_tokens) - 1))
         stopped = token[0] in stop_token_ids
         if i % stream_interval == 0 or i == max_new_tokens - 1 or stopped:
             shown = output_tokens if echo else output_tokens[prompt_len:]
@@ -638,7 +640,13 @@ async def serve(options: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(parse_args(argv)))
+    options = parse_args(argv)
+    try:  # the event loop uvicorn picks too; the benchmark's worker must not be the queue
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(options))
+    else:
+        uvloop.run(serve(options))
 
 
 if __name__ == "__main__":

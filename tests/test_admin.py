@@ -1,6 +1,7 @@
 """The admin: keys (plaintext once, revoke, rotate, limits), usage list, CSV, dashboard, live view."""
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -397,5 +398,70 @@ class RedisLiveViewTests(LiveSocket, AdminTestCase):
         layers = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [url]}}}
         cls.enterClassContext(override_settings(CHANNEL_LAYERS=layers))
 
-    def test_every_event_is_sent_since_watchers_may_be_elsewhere(self):
-        self.assertTrue(live.has_watchers(get_channel_layer()))
+    def setUp(self) -> None:
+        super().setUp()
+        patcher = mock.patch.object(live, "presence", live.WatcherPresence())  # no answer from earlier tests
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    async def settle(self) -> None:
+        """Let the presence read that has_watchers started land."""
+        while live._tasks:
+            await asyncio.gather(*live._tasks, return_exceptions=True)
+
+    async def record_event(self) -> None:
+        usage_writer.record(UsageEvent(key_id=self.key.pk, model="m1", endpoint=CHAT, request_id="r", status=200))
+        await self.settle()
+
+    async def test_nothing_goes_to_redis_per_request_when_nobody_watches(self):
+        layer = get_channel_layer()
+        await layer.connection(0).delete(live.PRESENCE_KEY)
+        self.assertTrue(live.has_watchers(layer))  # unknown until the first read
+        await self.settle()
+        with mock.patch.object(type(layer), "group_send") as group_send:
+            for _ in range(5):
+                await self.record_event()
+        group_send.assert_not_called()
+
+    async def test_a_watcher_on_another_replica_gets_events_within_a_second(self):
+        layer = get_channel_layer()
+        await layer.connection(0).delete(live.PRESENCE_KEY)
+        live.has_watchers(layer)
+        await self.settle()
+        self.assertFalse(live.has_watchers(layer))
+        # What LiveUsageConsumer.connect does in another process.
+        await layer.connection(0).zadd(live.PRESENCE_KEY, {"elsewhere!abc": time.time() + live.PRESENCE_TTL})
+        live.presence.checked_at -= live.PRESENCE_RECHECK  # a second later
+        live.has_watchers(layer)
+        await self.settle()
+        with mock.patch.object(type(layer), "group_send") as group_send:
+            await self.record_event()
+        group_send.assert_called_once()
+        # An entry of a process that died without leaving expires.
+        await layer.connection(0).zadd(live.PRESENCE_KEY, {"elsewhere!abc": time.time() - 1})
+        live.presence.checked_at -= live.PRESENCE_RECHECK
+        live.has_watchers(layer)
+        await self.settle()
+        self.assertFalse(live.has_watchers(layer))
+
+    async def test_sockets_announce_themselves_and_leave(self):
+        layer = get_channel_layer()
+        communicator = await self.connect(self.staff)
+        connected, _ = await communicator.connect(timeout=3)
+        self.assertTrue(connected)
+        try:
+            members = await layer.connection(0).zrange(live.PRESENCE_KEY, 0, -1, withscores=True)
+            self.assertEqual(len(members), 1)
+            self.assertGreater(members[0][1], time.time() + live.PRESENCE_TTL - 5)
+        finally:
+            await communicator.disconnect()
+        self.assertEqual(await layer.connection(0).zcard(live.PRESENCE_KEY), 0)
+
+    async def test_events_are_sent_while_redis_cannot_say(self):
+        layer = get_channel_layer()
+        live.presence.watched = False
+        with mock.patch.object(type(layer), "connection", side_effect=ConnectionError("down")), \
+                mock.patch.object(live, "_last_warning", float("-inf")), self.assertLogs("keys.live", "WARNING"):
+            live.has_watchers(layer)
+            await self.settle()
+        self.assertTrue(live.presence.watched)
