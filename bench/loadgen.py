@@ -125,13 +125,36 @@ def has_content(data: bytes) -> bool:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of these processes (all their threads), from /proc."""
+    """User plus system CPU time of these processes and their live children (nginx's workers,
+    PostgreSQL's backends), all threads, from /proc. Children that exited meanwhile are lost:
+    the servers measured here keep theirs for the whole run."""
     total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
+    for pid in with_descendants(pids):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # exited since the listing
+            continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return total / CLOCK_TICKS
+
+
+def with_descendants(pids: list[int]) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(pids), list(pids)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
 
 
 def machine_seconds() -> tuple[float, float]:
@@ -238,10 +261,6 @@ async def measure(options: argparse.Namespace) -> dict[str, Any]:
 def report(tally: Tally, elapsed: float, cpu_before: dict[str, float], cpu_after: dict[str, float]) -> dict[str, Any]:
     """Summarise a tally: rates, latency percentiles in ms, CPU ms per successful request."""
     done = len(tally.latencies)
-    cores = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_before}
-    # Process time the benchmark's own processes do not account for: somebody else's.
-    ours = sum(v for k, v in cores.items() if k not in ("machine", "interrupts"))
-    cores["other"] = cores["machine"] - ours
     ms = lambda seconds: None if seconds is None else round(seconds * 1000, 2)  # noqa: E731
     return {
         "requests": done,
@@ -256,8 +275,19 @@ def report(tally: Tally, elapsed: float, cpu_before: dict[str, float], cpu_after
         "p99_ms": ms(percentile(tally.latencies, 0.99)),
         "ttft_p50_ms": ms(percentile(tally.ttfts, 0.50)),
         "events_per_request": round(tally.chunks / done, 1) if done else None,
+        **cpu_report(cpu_before, cpu_after, elapsed, done),
+    }
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], elapsed: float, done: int) -> dict[str, Any]:
+    """CPU ms per counted request and cores used, per watched name, plus everyone else's."""
+    cores = {name: (after[name] - before[name]) / elapsed for name in before}
+    # Process time the benchmark's own processes do not account for: somebody else's.
+    ours = sum(v for k, v in cores.items() if k not in ("machine", "interrupts"))
+    cores["other"] = cores["machine"] - ours
+    return {
         "cpu_ms_per_request": {
-            name: round((cpu_after[name] - cpu_before[name]) * 1000 / done, 3) if done else None for name in cpu_before
+            name: round((after[name] - before[name]) * 1000 / done, 3) if done else None for name in before
         },
         "cpu_cores": {name: round(value, 2) for name, value in cores.items()},
     }

@@ -33,7 +33,7 @@ from targets import (
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
-LOADGEN = BENCH_DIR / "loadgen.py"
+LOAD_GENERATORS = {"python": BENCH_DIR / "loadgen.py", "wrk": BENCH_DIR / "wrkgen.py"}
 
 
 def run_cell(
@@ -41,13 +41,15 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run one load-generator process against one target; return its JSON result."""
     args = [
-        sys.executable, str(LOADGEN), "--base-url", target.base_url,
+        sys.executable, str(LOAD_GENERATORS[options.loadgen]), "--base-url", target.base_url,
         "--scenario", scenario, "--concurrency", str(concurrency),
         "--warmup", str(options.warmup), "--duration", str(options.duration),
         "--watch", "gateway", "+".join(map(str, target.pids)),
         "--watch", "controller", str(backend.procs["controller"].pid),
         "--watch", "worker", str(backend.procs["worker"].pid),
     ]  # fmt: skip
+    if target.service_pids:
+        args += ["--watch", "services", "+".join(map(str, target.service_pids))]
     if target.api_key:
         args += ["--api-key", target.api_key]
     limit = options.warmup + options.duration + 60
@@ -104,7 +106,8 @@ def progress_line(row: dict[str, Any]) -> str:
     return (
         f"  {row['target']:>9} {row['scenario']:<11} c={row['concurrency']:<3} {row['rps']:>8} req/s"
         f"  p50 {row['p50_ms']} ms  gateway CPU {row['cpu_ms_per_request']['gateway']} ms/req"
-        f"  other load {row['cpu_cores']['other']:.2f} cores" + (f"  ERRORS: {errors}" if errors else "")
+        f"  cores: {' '.join(f'{name} {value:.2f}' for name, value in row['cpu_cores'].items())}"
+        + (f"  ERRORS: {errors}" if errors else "")
     )
 
 
@@ -131,18 +134,21 @@ def results_table(rows: list[dict[str, Any]], baseline: str) -> str:
     base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == baseline}
     lines = [
         "| target | scenario | conc. | req/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms "
-        f"| gateway CPU ms/req | backend CPU ms/req | errors | req/s vs {baseline} | other load (cores) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| gateway CPU ms/req | PostgreSQL+Redis CPU ms/req | backend CPU ms/req | load generator CPU ms/req "
+        f"| errors | req/s vs {baseline} | other load (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         cpu = r["cpu_ms_per_request"]
         backend_cpu = None if cpu["gateway"] is None else cpu["controller"] + cpu["worker"]
+        services_cpu = cpu.get("services")
         other = base.get((r["scenario"], r["concurrency"]))
         versus = "–" if r["target"] == baseline or other is None else ratio(r["rps"], other["rps"])
         lines.append(
             f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {fmt(r['rps'])} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} "
-            f"| {fmt(r['ttft_p50_ms'])} | {fmt(cpu['gateway'], 2)} | {fmt(backend_cpu, 2)} "
+            f"| {fmt(r['ttft_p50_ms'])} | {fmt(cpu['gateway'], 2)} | {fmt(services_cpu, 2)} | {fmt(backend_cpu, 2)} "
+            f"| {fmt(cpu['loadgen'], 2)} "
             f"| {errors_cell(r)} | {versus} | {fmt(r['cpu_cores']['other'], 2)} |"
         )
     return "\n".join(lines)
@@ -241,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS))
     parser.add_argument("--targets", type=csv(str), default=list(TARGETS))
     parser.add_argument("--baseline", default="fastchat", help="the target the ratios divide by")
+    parser.add_argument(
+        "--loadgen", choices=sorted(LOAD_GENERATORS), default="python",
+        help="python: bench/loadgen.py (aiohttp, checks every event, measures TTFT); "
+        "wrk: bench/wrkgen.py (needs `apt-get install wrk`; a hundredth of the client CPU)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--quiet-wait",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,7 @@ class Target:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     notes: str = ""
     services: ExitStack | None = None  # servers the target needs (PostgreSQL, Redis), stopped last
+    service_pids: list[int] = field(default_factory=list)  # their main processes, for the CPU count
 
     @property
     def pids(self) -> list[int]:
@@ -165,8 +167,10 @@ def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> 
         nginx_port = free_port()
         procs.append(start_process(["nginx", "-c", str(render_nginx(nginx_dir, nginx_port, ports)), "-p", str(nginx_dir)],
                                    log_path=workdir / "nginx.log"))
+        noun = "process" if processes == 1 else "processes"
         target = Target(f"gateway-nginx{processes}", f"http://{HOST}:{nginx_port}", key, procs,
-                        f"{processes} uvicorn processes behind nginx, PostgreSQL + Redis", services)
+                        f"{processes} uvicorn {noun} behind nginx, PostgreSQL + Redis", services,
+                        [postmaster_pid(pg), redis.proc.pid])
         for port in [*ports, nginx_port]:
             wait_listening(target, port)
         return target
@@ -175,10 +179,15 @@ def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> 
         raise
 
 
+def postmaster_pid(pg) -> int:
+    return int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+
+
 TARGETS: dict[str, Callable[[Backend, Path], Target]] = {
     "fastchat": start_fastchat,
     "gateway": start_gateway,
-    "gateway-nginx2": start_gateway_nginx,
+    "gateway-nginx1": partial(start_gateway_nginx, processes=1),
+    "gateway-nginx2": partial(start_gateway_nginx, processes=2),
 }
 
 

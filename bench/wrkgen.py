@@ -1,0 +1,137 @@
+"""The same measurement as loadgen.py, with wrk as the client; JSON on stdout in loadgen's shape.
+
+wrk (C, one thread here) spends a few microseconds of CPU per request where the Python load
+generator spends about half a millisecond, which on a small machine is CPU taken from the
+servers under test. Use it where that matters: the scaling cells (N processes behind nginx).
+A Lua script checks every answer (HTTP 200 and a body with choices, data or [DONE]), so
+failures are counted as in loadgen.py; time to first token is not measured.
+
+    apt-get install wrk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loadgen import SCENARIOS, cpu_report, snapshot
+
+# Every response goes through response() (wrk then hands Lua the body); done() sums the
+# per-thread failure counts and prints one machine-readable line.
+SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+local marker, threads = {marker}, {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) failed = 0; sample = "" end
+function response(status, headers, body)
+  if status ~= 200 or not string.find(body, marker, 1, true) or string.find(body, '"error"', 1, true) then
+    failed = failed + 1
+    if sample == "" then sample = status .. " " .. string.sub(body, 1, 300) end
+  end
+end
+function done(summary, latency, requests)
+  local failed, sample = 0, ""
+  for _, thread in ipairs(threads) do
+    failed = failed + thread:get("failed")
+    if sample == "" then sample = thread:get("sample") end
+  end
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration, failed,
+    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, 0))
+  io.write("SAMPLE " .. sample .. "\\n")
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Lua string literal for this text
+
+
+def write_script(directory: Path, scenario: str, api_key: str | None) -> Path:
+    spec = SCENARIOS[scenario]
+    marker = "[DONE]" if spec.stream else ('"data"' if spec.path.endswith("embeddings") else '"choices"')
+    auth = f'wrk.headers["Authorization"] = {lua_string("Bearer " + api_key)}' if api_key else ""
+    path = directory / "scenario.lua"
+    path.write_text(SCRIPT.format(body=lua_string(json.dumps(spec.body)), auth=auth, marker=lua_string(marker)))
+    return path
+
+
+def run_wrk(url: str, script: Path, concurrency: int, seconds: float, timeout: float) -> dict[str, Any]:
+    args = [
+        "wrk", "--threads", "1", "--connections", str(concurrency), "--duration", f"{max(1, round(seconds))}s",
+        "--timeout", f"{round(timeout)}s", "--script", str(script), url,
+    ]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=seconds + timeout + 30)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("WRK ")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    requests, duration_us, failed, socket_errors, bad_status, p50, p90, p99, worst, _ = map(int, line.split()[1:])
+    sample = next((x[7:] for x in result.stdout.splitlines() if x.startswith("SAMPLE ")), "")
+    return {
+        "requests": requests, "seconds": duration_us / 1e6, "failed": failed, "socket_errors": socket_errors,
+        "non_2xx": bad_status, "p50_us": p50, "p90_us": p90, "p99_us": p99, "max_us": worst, "sample": sample,
+    }  # fmt: skip
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's finished children: the wrk runs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(options: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then one measured wrk run with the watched processes' CPU read around it."""
+    url = options.base_url.rstrip("/") + SCENARIOS[options.scenario].path
+    watch = {name: [int(pid) for pid in pids.split("+")] for name, pids in options.watch}
+    with tempfile.TemporaryDirectory(prefix="wrkgen-") as directory:
+        script = write_script(Path(directory), options.scenario, options.api_key)
+        warm = run_wrk(url, script, options.concurrency, options.warmup, options.request_timeout)
+        before, started = snapshot(watch), time.perf_counter()
+        before["loadgen"] = children_cpu_seconds()
+        run = run_wrk(url, script, options.concurrency, options.duration, options.request_timeout)
+        after, elapsed = snapshot(watch), time.perf_counter() - started
+        after["loadgen"] = children_cpu_seconds()
+    done = run["requests"] - run["failed"]
+    failures = run["failed"] + run["socket_errors"]
+    result = cpu_report(before, after, elapsed, done)
+    ms = lambda us: round(us / 1000, 2)  # noqa: E731
+    return {
+        "requests": done,
+        "failures": failures,
+        "warmup_failures": warm["failed"] + warm["socket_errors"],
+        "error_samples": [run["sample"] or warm["sample"]] if failures or warm["failed"] else [],
+        "seconds": round(run["seconds"], 3),
+        "warmup_requests": warm["requests"],
+        "rps": round(done / run["seconds"], 1),
+        "p50_ms": ms(run["p50_us"]),
+        "p90_ms": ms(run["p90_us"]),
+        "p99_ms": ms(run["p99_us"]),
+        "ttft_p50_ms": None,
+        "events_per_request": None,
+        **result,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from loadgen import parse_args
+
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    json.dump(measure(parse_args(argv)), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
