@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from loadgen import SCENARIOS, machine_busy_seconds
 from targets import (
     REPLY_WORDS,
     TARGETS,
+    WORKER_PROGRAMS,
     Backend,
     Target,
     peak_memory_mb,
@@ -86,16 +88,40 @@ def check_alive(targets: list[Target], backend: Backend, workdir: Path) -> None:
 
 
 def run_all(targets: list[Target], backend: Backend, options: argparse.Namespace, rows: list[dict]) -> None:
-    """Every scenario x concurrency x target, targets innermost; append a row for each."""
+    """Every scenario x concurrency x round x target, targets innermost; append a row for each."""
     quiet_budget = options.quiet_wait
     for scenario in options.scenarios:
         for concurrency in options.concurrency:
-            for target in targets:
-                quiet_budget -= wait_for_quiet(max(0.0, quiet_budget))
-                check_alive(targets, backend, options.workdir)
-                row = run_cell(target, backend, scenario, concurrency, options)
-                rows.append(row)
-                print(progress_line(row), file=sys.stderr, flush=True)
+            for round_number in range(1, options.rounds + 1):
+                for target in targets:
+                    quiet_budget -= wait_for_quiet(max(0.0, quiet_budget))
+                    check_alive(targets, backend, options.workdir)
+                    row = run_cell(target, backend, scenario, concurrency, options)
+                    row["round"] = round_number
+                    rows.append(row)
+                    print(progress_line(row), file=sys.stderr, flush=True)
+
+
+def median_rows(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """One row per target, scenario and concurrency: the round with the median req/s.
+
+    Its "versus" is the median over rounds of req/s divided by the baseline's req/s of the same
+    round: the targets of one round ran back to back, so the machine's drift (this shared
+    2-core VM runs up to 20% faster or slower from one minute to the next) cancels out.
+    """
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["target"], r["scenario"], r["concurrency"]), []).append(r)
+    summary = []
+    for (target, scenario, concurrency), rounds in cells.items():
+        ordered = sorted(rounds, key=lambda r: r["rps"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["round_rps"] = [r["rps"] for r in rounds]
+        base = {r.get("round"): r["rps"] for r in cells.get((baseline, scenario, concurrency), [])}
+        ratios = sorted(r["rps"] / base[r.get("round")] for r in rounds if base.get(r.get("round")))
+        row["versus"] = statistics.median(ratios) if ratios and target != baseline else None
+        summary.append(row)
+    return summary
 
 
 # Report -----------------------------------------------------------------------------------
@@ -115,6 +141,10 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
 def ratio(ours: float | None, theirs: float | None) -> str:
     return "–" if not ours or not theirs else f"{ours / theirs:.2f}x"
 
@@ -131,7 +161,6 @@ def results_table(rows: list[dict[str, Any]], baseline: str) -> str:
 
     "other load" is CPU that processes outside the benchmark used meanwhile (a shared machine).
     """
-    base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == baseline}
     lines = [
         "| target | scenario | conc. | req/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms "
         "| gateway CPU ms/req | PostgreSQL+Redis CPU ms/req | backend CPU ms/req | load generator CPU ms/req "
@@ -142,8 +171,7 @@ def results_table(rows: list[dict[str, Any]], baseline: str) -> str:
         cpu = r["cpu_ms_per_request"]
         backend_cpu = None if cpu["gateway"] is None else cpu["controller"] + cpu["worker"]
         services_cpu = cpu.get("services")
-        other = base.get((r["scenario"], r["concurrency"]))
-        versus = "–" if r["target"] == baseline or other is None else ratio(r["rps"], other["rps"])
+        versus = fmt_ratio(r.get("versus"))
         lines.append(
             f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {fmt(r['rps'])} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} "
@@ -167,7 +195,7 @@ def comparison_table(rows: list[dict[str, Any]], baseline: str) -> str:
             continue
         cpu, other_cpu = r["cpu_ms_per_request"]["gateway"], other["cpu_ms_per_request"]["gateway"]
         lines.append(
-            f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {ratio(r['rps'], other['rps'])} "
+            f"| {r['target']} | {r['scenario']} | {r['concurrency']} | {fmt_ratio(r['versus'])} "
             f"| {ratio(r['p50_ms'], other['p50_ms'])} | {ratio(r['ttft_p50_ms'], other['ttft_p50_ms'])} "
             f"| {ratio(cpu, other_cpu)} |"
         )
@@ -254,6 +282,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
+        "--worker", choices=sorted(WORKER_PROGRAMS), default="fast",
+        help="fast: bench/fast_worker.py (default); demo: openai_api.demo_worker, three times its CPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every cell this many times (targets interleaved each round); tables show medians",
+    )  # fmt: skip
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         help="seconds in all to wait for other processes to go idle between cells (default 30, quick 10)",
@@ -284,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     backend, targets, rows, memory = None, [], [], {}
     try:
         try:
-            backend = start_backend(workdir)
+            backend = start_backend(workdir, options.worker)
             for name in options.targets:
                 targets.append(TARGETS[name](backend, workdir))
             run_all(targets, backend, options, rows)
@@ -307,7 +343,7 @@ def collect_memory(targets: list[Target]) -> dict[str, list[dict[str, float]]]:
 
 def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, elapsed: float, workdir: Path) -> None:
     facts = machine()
-    planned = len(options.scenarios) * len(options.concurrency) * len(options.targets)
+    planned = len(options.scenarios) * len(options.concurrency) * len(options.targets) * options.rounds
     if len(rows) < planned:
         print(f"\nPARTIAL RUN: {len(rows)} of {planned} cells measured", file=sys.stderr)
     print(
@@ -315,9 +351,12 @@ def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, el
         f"{options.duration:g} s measured after {options.warmup:g} s warm-up per cell; "
         f"worker reply {REPLY_WORDS} words; total run {elapsed:.0f} s\n"
     )
-    print(results_table(rows, options.baseline) + "\n")
+    summary = median_rows(rows, options.baseline)
+    if options.rounds > 1:
+        print(f"Median of {options.rounds} rounds per cell; req/s of each round in results.json (round_rps).\n")
+    print(results_table(summary, options.baseline) + "\n")
     if len({r["target"] for r in rows}) > 1:
-        print(comparison_table(rows, options.baseline) + "\n")
+        print(comparison_table(summary, options.baseline) + "\n")
     print(memory_table(memory))
     noise = report_noise(rows)
     if noise:
@@ -329,7 +368,8 @@ def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, el
         "machine": facts,
         "options": {k: str(v) for k, v in vars(options).items()},
         "elapsed_s": round(elapsed, 1),
-        "rows": rows,
+        "rows": summary,
+        "rounds": rows,
         "memory_mib": memory,
     }
     for path in filter(None, [workdir / "results.json", options.json]):
