@@ -6,8 +6,9 @@ Everything else is cached here, per process.
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -39,6 +40,35 @@ class AddressPool:
         return self.addresses[self.turn % len(self.addresses)]
 
 
+class SingleFlight:
+    """Callers that need the same fetch at the same time share one call (per event loop).
+
+    When a cache entry expires under load, every request in flight would otherwise ask the
+    controller itself: at concurrency 64, 64 identical look-ups every TTL, all of them waiting.
+    The shared call is shielded, so a caller that is cancelled (its client left) does not
+    cancel it for the others.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, asyncio.Task] = {}
+
+    async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Await ``fetch()``, or the same call already under way. ``fetch`` should store what it
+        fetched itself: a caller arriving just after the call ended starts a new one."""
+        loop = asyncio.get_running_loop()
+        call = self._calls.get(key)
+        if call is None or call.done() or call.get_loop() is not loop:
+            call = self._calls[key] = loop.create_task(fetch())
+            call.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(call)
+
+    def _finished(self, key: Hashable, call: asyncio.Task) -> None:
+        if self._calls.get(key) is call:
+            del self._calls[key]
+        if not call.cancelled():
+            call.exception()  # retrieved: every waiter may have gone
+
+
 class Backend:
     """Caches in front of a FastChatClient. One per process (see get_backend())."""
 
@@ -54,13 +84,17 @@ class Backend:
         self._models_fetched_at = float("-inf")
         self._templates: dict[tuple[str, str], tuple[Template, float]] = {}
         self._context_lengths: dict[tuple[str, str], tuple[int, float]] = {}
+        self._flights = SingleFlight()
 
     async def models(self, refresh: bool = False) -> list[str]:
         """The controller's model names, sorted; cached for model_list_ttl seconds."""
         if refresh or self.clock() - self._models_fetched_at > self.model_list_ttl:
-            self._models = sorted(set(await self.client.list_models()))
-            self._models_fetched_at = self.clock()
+            await self._flights.run("models", self._fetch_models)
         return self._models
+
+    async def _fetch_models(self) -> None:
+        self._models = sorted(set(await self.client.list_models()))
+        self._models_fetched_at = self.clock()
 
     async def has_model(self, model: str) -> bool:
         """Whether the controller serves `model`; an unknown name refreshes the list once."""
@@ -72,17 +106,25 @@ class Backend:
         key = (address, model)
         cached = self._templates.get(key)
         if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
-            template = Template.from_worker(await self.client.conv_template(address, model))
-            cached = self._templates[key] = (template, self.clock())
+            cached = await self._flights.run(("template", key), lambda: self._fetch_template(address, model))
         return cached[0]
+
+    async def _fetch_template(self, address: str, model: str) -> tuple[Template, float]:
+        template = Template.from_worker(await self.client.conv_template(address, model))
+        cached = self._templates[(address, model)] = (template, self.clock())
+        return cached
 
     async def context_length(self, address: str, model: str) -> int:
         key = (address, model)
         cached = self._context_lengths.get(key)
         if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
-            length = await self.client.model_details(address, model)
-            cached = self._context_lengths[key] = (length, self.clock())
+            cached = await self._flights.run(("context", key), lambda: self._fetch_context_length(address, model))
         return cached[0]
+
+    async def _fetch_context_length(self, address: str, model: str) -> tuple[int, float]:
+        length = await self.client.model_details(address, model)
+        cached = self._context_lengths[(address, model)] = (length, self.clock())
+        return cached
 
     async def worker_address(self, model: str, fresh: bool = False) -> str:
         """A worker for `model`: from the controller, or, when GATEWAY_WORKER_ADDRESS_TTL > 0,
@@ -92,9 +134,13 @@ class Backend:
             return await self.client.get_worker_address(model)
         pool = self._address_pools.get(model)
         if pool is None or self.clock() - pool.fetched_at > self.address_ttl:
-            addresses = [await self.client.get_worker_address(model) for _ in range(DISCOVERY_CALLS)]
-            pool = self._address_pools[model] = AddressPool(list(dict.fromkeys(addresses)), self.clock())
+            pool = await self._flights.run(("addresses", model), lambda: self._fetch_pool(model))
         return pool.next()
+
+    async def _fetch_pool(self, model: str) -> AddressPool:
+        addresses = [await self.client.get_worker_address(model) for _ in range(DISCOVERY_CALLS)]
+        pool = self._address_pools[model] = AddressPool(list(dict.fromkeys(addresses)), self.clock())
+        return pool
 
     def forget_worker(self, address: str) -> None:
         """Drop what is cached about a worker that stopped answering."""

@@ -1,6 +1,8 @@
 """POST /v1/chat/completions against FakeFastChat."""
 from __future__ import annotations
 
+import asyncio
+
 from django.test import override_settings
 
 from tests.base import GatewayTestCase
@@ -89,6 +91,15 @@ class WorkerAddressPoolTests(GatewayTestCase):
         self.assertEqual(len(generations), 10)
         self.assertEqual(generations.count("http://worker-a.test"), 5)
         self.assertEqual(self.fake.paths().count("/get_worker_address"), 3)  # one renewal of the pool
+
+    async def test_concurrent_requests_share_one_renewal_of_an_expired_pool(self):
+        self.fake.workers = ["http://worker-a.test", "http://worker-b.test"]
+        responses = await asyncio.gather(*(self.post(URL, chat(max_tokens=5)) for _ in range(20)))
+        self.assertEqual([r.status_code for r in responses], [200] * 20)
+        # One pool renewal (3 controller answers) and one model list and template fetch, not 20 each.
+        self.assertEqual(self.fake.paths().count("/get_worker_address"), 3)
+        self.assertEqual(self.fake.paths().count("/list_models"), 1)
+        self.assertEqual(self.fake.paths().count("/worker_get_conv_template"), 2)  # one per worker
 
     async def test_a_dead_worker_in_the_pool_is_replaced_by_asking_the_controller(self):
         self.fake.workers = ["http://worker-a.test", "http://worker-b.test"]
