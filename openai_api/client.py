@@ -8,6 +8,7 @@ down) or UpstreamError (the upstream answered, but with an error).
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,9 +66,15 @@ def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None
 Timeouts = dict[str, float | None]  # httpx's timeout extension: connect, read, write, pool
 
 
+@functools.lru_cache(maxsize=1024)
+def parsed_url(url: str) -> httpx.URL:
+    """The few upstream URLs (controller and worker routes) are parsed once, not per call."""
+    return httpx.URL(url)
+
+
 async def post(url: str, content: bytes, timeout: Timeouts) -> httpx.Response:
     """POST and return the response with its body still unread (the caller closes it)."""
-    request = httpx.Request("POST", url, content=content, headers=JSON_HEADERS,
+    request = httpx.Request("POST", parsed_url(url), content=content, headers=JSON_HEADERS,
                             extensions={"timeout": timeout})
     try:
         return await get_transport().handle_async_request(request)

@@ -5,8 +5,11 @@ them) so that /metrics reports the sum over all processes, whichever one is scra
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from django.conf import settings
@@ -52,21 +55,42 @@ def stream_started(ctx: RequestContext) -> None:
     ctx.on_finish.append(lambda _: STREAMS_IN_FLIGHT.dec())
 
 
+@dataclass(frozen=True)
+class Series:
+    """The labelled metrics one kind of request updates."""
+
+    requests: Any
+    latency: Any
+    time_to_first_token: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+
+
+@functools.lru_cache(maxsize=1024)
+def series(endpoint: str, model: str, status: int) -> Series:
+    """Looked up once per label set: `.labels()` validates and locks on every call."""
+    return Series(
+        REQUESTS.labels(endpoint, model, str(status)), LATENCY.labels(endpoint, model),
+        TIME_TO_FIRST_TOKEN.labels(model), TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion"),
+    )  # fmt: skip
+
+
 def observe(ctx: RequestContext) -> None:
     """Count the finished request in the metrics and write its access-log line."""
     endpoint = endpoint_label(ctx)
-    REQUESTS.labels(endpoint, ctx.model, str(ctx.status)).inc()
-    LATENCY.labels(endpoint, ctx.model).observe(ctx.latency_ms / 1000)
+    metrics = series(endpoint, ctx.model, ctx.status)
+    metrics.requests.inc()
+    metrics.latency.observe(ctx.latency_ms / 1000)
     if ctx.status >= 400:
         ERRORS.labels(endpoint, ctx.error_code or str(ctx.status)).inc()
         if ctx.status in (502, 503, 504):
             UPSTREAM_ERRORS.labels(ctx.model, ctx.error_code or str(ctx.status)).inc()
     if ctx.ttft_ms is not None and ctx.status < 400:
-        TIME_TO_FIRST_TOKEN.labels(ctx.model).observe(ctx.ttft_ms / 1000)
+        metrics.time_to_first_token.observe(ctx.ttft_ms / 1000)
     if ctx.prompt_tokens:
-        TOKENS.labels(ctx.model, "prompt").inc(ctx.prompt_tokens)
+        metrics.prompt_tokens.inc(ctx.prompt_tokens)
     if ctx.completion_tokens:
-        TOKENS.labels(ctx.model, "completion").inc(ctx.completion_tokens)
+        metrics.completion_tokens.inc(ctx.completion_tokens)
     if settings.GATEWAY_ACCESS_LOG and access_logger.isEnabledFor(logging.INFO):
         access_logger.info(access_line(ctx))
 
