@@ -2,11 +2,13 @@
 
     . .venv/bin/activate && python bench/run.py [--quick] [--duration S] [--concurrency 1,32]
         [--scenarios chat,chat_stream,embeddings] [--targets fastchat,gateway] [--json out.json]
+    python bench/run.py --scaling     # one process against two behind nginx (wrk, 3 rounds)
 
-Starts the FastChat controller, ONE demo worker and every target, then runs each scenario at
-each concurrency against each target in turn (targets interleaved, so drift hits all alike),
-each time in a fresh load-generator process (bench/loadgen.py). Prints a Markdown table and
-stops every process it started, also on Ctrl-C or failure. Logs and JSON go to bench/results/.
+Starts the FastChat controller, ONE fake worker (bench/fast_worker.py) and every target, then
+runs each scenario at each concurrency against each target in turn (targets interleaved, so
+drift hits all alike), each time in a fresh load-generator process (bench/loadgen.py, or wrk
+through bench/wrkgen.py). Prints a Markdown table and stops every process it started, also on
+Ctrl-C or failure. Logs and JSON go to bench/results/.
 """
 
 from __future__ import annotations
@@ -266,17 +268,30 @@ def csv(kind: type) -> Any:
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
+DEFAULTS = {"targets": ["fastchat", "gateway"], "baseline": "fastchat", "loadgen": "python", "rounds": 1}
+# Two processes need the CPU that the Python load generator (~0.5 ms per request) would take.
+SCALING = {
+    "targets": ["gateway", "gateway-nginx1", "gateway-nginx2"], "baseline": "gateway", "loadgen": "wrk",
+    "rounds": 3, "concurrency": [16, 64], "duration": 6.0,
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 1,32, 3 s per cell (about 80 s in all)")
+    parser.add_argument(
+        "--scaling", action="store_true",
+        help="one process against two behind nginx: targets " + ",".join(SCALING["targets"])
+        + f", baseline {SCALING['baseline']}, wrk, concurrency 16,64, {SCALING['rounds']} rounds (about 10 min)",
+    )  # fmt: skip
     parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1, quick 0.5)")
     parser.add_argument("--concurrency", type=csv(int), help="default 1,16,32,64 (quick 1,32)")
     parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS))
-    parser.add_argument("--targets", type=csv(str), default=list(TARGETS))
-    parser.add_argument("--baseline", default="fastchat", help="the target the ratios divide by")
+    parser.add_argument("--targets", type=csv(str), help="default fastchat,gateway; known: " + ",".join(TARGETS))
+    parser.add_argument("--baseline", help="the target the ratios divide by (default fastchat)")
     parser.add_argument(
-        "--loadgen", choices=sorted(LOAD_GENERATORS), default="python",
+        "--loadgen", choices=sorted(LOAD_GENERATORS),
         help="python: bench/loadgen.py (aiohttp, checks every event, measures TTFT); "
         "wrk: bench/wrkgen.py (needs `apt-get install wrk`; a hundredth of the client CPU)",
     )  # fmt: skip
@@ -286,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fast: bench/fast_worker.py (default); demo: openai_api.demo_worker, three times its CPU",
     )  # fmt: skip
     parser.add_argument(
-        "--rounds", type=int, default=1,
+        "--rounds", type=int,
         help="measure every cell this many times (targets interleaved each round); tables show medians",
     )  # fmt: skip
     parser.add_argument(
@@ -295,6 +310,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds in all to wait for other processes to go idle between cells (default 30, quick 10)",
     )
     options = parser.parse_args(argv)
+    preset = SCALING if options.scaling else DEFAULTS
+    for name, value in preset.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
     quick = options.quick
     options.duration = options.duration or (3.0 if quick else 10.0)
     options.warmup = options.warmup if options.warmup is not None else (0.5 if quick else 1.0)
