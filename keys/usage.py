@@ -52,20 +52,30 @@ RECORD_COLUMNS = ("key_id", "model", "endpoint", "request_id", "status", "error_
                   "completion_tokens", "latency_ms", "ttft_ms", "streamed", "created_at")
 
 
+ROWS_PER_INSERT = 500
+
+
 def insert_records(events: list[UsageEvent]) -> None:
-    """One executemany for the batch. bulk_create would build a model instance per row, which
-    made this thread (which shares the GIL with the event loop) cost 15% of the CPU under load."""
+    """Multi-row INSERTs of up to ROWS_PER_INSERT rows. bulk_create would build a model instance
+    per row, which made this thread (which shares the GIL with the event loop) cost 15% of the
+    CPU under load; one statement per row (executemany) cost PostgreSQL 0.1 ms per request."""
     table = connection.ops.quote_name(UsageRecord._meta.db_table)
     columns = ", ".join(connection.ops.quote_name(column) for column in RECORD_COLUMNS)
-    placeholders = ", ".join(["%s"] * len(RECORD_COLUMNS))
+    row_placeholders = "(" + ", ".join(["%s"] * len(RECORD_COLUMNS)) + ")"
     adapt_datetime = connection.ops.adapt_datetimefield_value
     rows = [
         (e.key_id, e.model[:200], e.endpoint[:100], e.request_id[:128], e.status, e.error_code[:64],
          e.prompt_tokens, e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at))
         for e in events
     ]
+    per_insert = ROWS_PER_INSERT
+    if connection.features.max_query_params:  # SQLite's bound on parameters per statement
+        per_insert = min(per_insert, connection.features.max_query_params // len(RECORD_COLUMNS))
     with connection.cursor() as cursor:
-        cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", rows)
+        for start in range(0, len(rows), per_insert):
+            chunk = rows[start : start + per_insert]
+            values = ", ".join([row_placeholders] * len(chunk))
+            cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values}", [v for row in chunk for v in row])
 
 
 def write_batch(events: list[UsageEvent]) -> None:

@@ -34,7 +34,7 @@ def render_nginx(tmp: Path, listen: int, upstream_ports: list[int]) -> Path:
     site = (REPO_ROOT / "deploy/nginx/gateway.conf").read_text()
     site = site.replace("{{listen}}", f"127.0.0.1:{listen}").replace(
         "{{upstream_servers}}", " ".join(f"server 127.0.0.1:{port};" for port in upstream_ports)).replace(
-        "{{static_root}}", str(tmp / "static"))
+        "{{static_root}}", str(tmp / "static")).replace("{{log_dir}}", str(tmp))
     (tmp / "site.conf").write_text(site)
     conf = tmp / "nginx.conf"
     conf.write_text(f"""

@@ -72,6 +72,18 @@ class UsageTests(GatewayTestCase):
         self.assertEqual(await flush(), 1)
         self.assertEqual(await UsageRecord.objects.acount(), 1)
 
+    async def test_a_batch_larger_than_one_insert_statement_is_written_whole_and_in_order(self):
+        events = [usage.UsageEvent(key_id=self.key.pk, model="m1", endpoint=CHAT, request_id=f"r{i}", status=200,
+                                   prompt_tokens=i, completion_tokens=1, ttft_ms=None if i % 2 else i)
+                  for i in range(usage.ROWS_PER_INSERT + 37)]
+        with mock.patch.object(usage, "ROWS_PER_INSERT", 100):
+            await sync_to_async(usage.write_batch)(events)
+        rows = [r async for r in UsageRecord.objects.order_by("id")]
+        self.assertEqual([r.request_id for r in rows], [e.request_id for e in events])
+        self.assertEqual([(r.prompt_tokens, r.ttft_ms) for r in rows], [(e.prompt_tokens, e.ttft_ms) for e in events])
+        rollup = await UsageDaily.objects.aget(key=self.key, model="m1")
+        self.assertEqual((rollup.requests, rollup.prompt_tokens), (len(events), sum(range(len(events)))))
+
     async def test_old_rows_are_pruned_but_rollups_kept(self):
         await self.post(CHAT, BODY)
         await flush()
