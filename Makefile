@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install install-test system-deps lint
 
-# Services the tests use: Redis, nginx, Chromium and PostgreSQL 15 (Debian packages, installed
+# Services the tests use: Redis, nginx, wrk, Chromium and PostgreSQL 15 (Debian packages, installed
 # when missing; needs root, as on CI).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	test -x /usr/lib/postgresql/15/bin/initdb || missing="$$missing postgresql-15"; \
 	if [ -n "$$missing" ]; then \

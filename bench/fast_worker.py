@@ -108,7 +108,8 @@ class Answers:
 
 
 def as_json(data: Any) -> tuple[int, bytes, bytes]:
-    return 200, b"application/json", json.dumps(data).encode()
+    """Like Starlette's JSONResponse (and the demo worker): compact, raw UTF-8."""
+    return 200, b"application/json", json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 REASONS = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error"}
