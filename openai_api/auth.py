@@ -6,7 +6,6 @@ that time (SPEC.md 5), and unknown keys are cached too, so guessing costs no que
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from keys.hashing import hash_key
 from keys.limits import Limits
 from keys.models import APIKey
 from openai_api.errors import AuthenticationError, PermissionDeniedError
+from openai_api.single_flight import SingleFlight
 
 MAX_CACHED_KEYS = 10_000
 
@@ -74,36 +74,24 @@ class KeyCache:
         self.ttl = ttl
         self.clock = clock
         self._entries: dict[str, tuple[KeyInfo | None, float]] = {}
-        self._loading: dict[str, asyncio.Future] = {}
+        self._loads = SingleFlight()
 
     async def get(self, digest: str) -> KeyInfo | None:
         entry = self._entries.get(digest)
         if entry is not None and self.clock() - entry[1] < self.ttl:
             return entry[0]
-        return await self._load(digest)
+        # Concurrent requests with the same key share one query; one of them leaving (its
+        # client gone) does not cancel it for the others.
+        return await self._loads.run(digest, lambda: self._load(digest))
 
     async def _load(self, digest: str) -> KeyInfo | None:
-        # Concurrent requests with the same key share one query.
-        pending = self._loading.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
-        try:
-            # Stamped before the query: a change committed while it runs is seen within the TTL.
-            loaded_at = self.clock()
-            info = await sync_to_async(load_key, thread_sensitive=True)(digest)
-            if len(self._entries) >= MAX_CACHED_KEYS:
-                self._entries.clear()
-            self._entries[digest] = (info, loaded_at)
-            future.set_result(info)
-            return info
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved
-            raise
-        finally:
-            del self._loading[digest]
+        # Stamped before the query: a change committed while it runs is seen within the TTL.
+        loaded_at = self.clock()
+        info = await sync_to_async(load_key, thread_sensitive=True)(digest)
+        if len(self._entries) >= MAX_CACHED_KEYS:
+            self._entries.clear()
+        self._entries[digest] = (info, loaded_at)
+        return info
 
     def clear(self) -> None:
         self._entries.clear()

@@ -6,9 +6,8 @@ Everything else is cached here, per process.
 """
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,6 +16,7 @@ from django.conf import settings
 from openai_api.client import FastChatClient, WorkerUnreachableError
 from openai_api.conversation import Template
 from openai_api.errors import UpstreamUnavailableError
+from openai_api.single_flight import SingleFlight
 
 T = TypeVar("T")
 
@@ -38,35 +38,6 @@ class AddressPool:
     def next(self) -> str:
         self.turn += 1
         return self.addresses[self.turn % len(self.addresses)]
-
-
-class SingleFlight:
-    """Callers that need the same fetch at the same time share one call (per event loop).
-
-    When a cache entry expires under load, every request in flight would otherwise ask the
-    controller itself: at concurrency 64, 64 identical look-ups every TTL, all of them waiting.
-    The shared call is shielded, so a caller that is cancelled (its client left) does not
-    cancel it for the others.
-    """
-
-    def __init__(self) -> None:
-        self._calls: dict[Hashable, asyncio.Task] = {}
-
-    async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
-        """Await ``fetch()``, or the same call already under way. ``fetch`` should store what it
-        fetched itself: a caller arriving just after the call ended starts a new one."""
-        loop = asyncio.get_running_loop()
-        call = self._calls.get(key)
-        if call is None or call.done() or call.get_loop() is not loop:
-            call = self._calls[key] = loop.create_task(fetch())
-            call.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(call)
-
-    def _finished(self, key: Hashable, call: asyncio.Task) -> None:
-        if self._calls.get(key) is call:
-            del self._calls[key]
-        if not call.cancelled():
-            call.exception()  # retrieved: every waiter may have gone
 
 
 class Backend:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,10 @@ from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.urls import set_script_prefix
+
+from openai_api.errors import OpenAIError, PayloadTooLargeError, error_body
+
+logger = logging.getLogger(__name__)
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
@@ -69,9 +74,17 @@ class APIHandler(ASGIHandler):
     async def respond_until_disconnect(self, request: Any, receive: Any, send: Any) -> None:
         """Send the response; if the client disconnects first, cancel the view (which closes
         its upstream streams)."""
-        responder = asyncio.create_task(self.get_and_send_response(request, send))
+        started = False
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        responder = asyncio.create_task(self.get_and_send_response(request, send_and_note))
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
         await asyncio.wait([responder, listener], return_when=asyncio.FIRST_COMPLETED)
+        client_left = listener.done()
         for task in (listener, responder):
             if not task.done():
                 task.cancel()
@@ -79,6 +92,12 @@ class APIHandler(ASGIHandler):
                 await task
             except (asyncio.CancelledError, RequestAborted):
                 pass
+        if not started and not client_left:
+            # The view was cancelled from inside, a bug: answer in the API's format rather than
+            # leave the server to send its plain-text 500.
+            logger.error("%s (request %s) ended without a response", request.path,
+                         getattr(request, "request_id", ""))
+            await send_error(send, 500, OpenAIError())
 
     async def get_and_send_response(self, request: Any, send: Any) -> Any:
         response = await self.run_get_response(request)
@@ -100,11 +119,14 @@ def declared_length(scope: dict) -> int:
 
 
 async def send_payload_too_large(send: Any) -> None:
-    from openai_api.errors import PayloadTooLargeError, error_body
+    await send_error(send, 413, PayloadTooLargeError())
 
-    body = orjson.dumps(error_body(PayloadTooLargeError()))
+
+async def send_error(send: Any, status: int, error: OpenAIError) -> None:
+    """An OpenAI-style JSON error, straight to the ASGI server."""
+    body = orjson.dumps(error_body(error))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

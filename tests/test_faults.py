@@ -1,10 +1,17 @@
 """Upstream faults: no worker, worker down, timeouts, worker errors, errors mid-stream, disconnects."""
 from __future__ import annotations
 
-import httpx
+import asyncio
+import json
+import time
+from unittest import mock
 
+import httpx
+from asgiref.testing import ApplicationCommunicator
+
+from gateway_project.asgi import application
 from openai_api.client import reset_http_client
-from tests.asgi import stream_then_disconnect
+from tests.asgi import http_scope, request, stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
 
@@ -83,3 +90,40 @@ class PartialOpenTests(GatewayTestCase):
         response = await self.post(CHAT, {**BODY, "stream": True, "n": 2})
         self.assertError(response, 502)
         self.assertEqual(self.fake.stream_closed, [True])
+
+
+class CancellationTests(GatewayTestCase):
+    """A client that leaves cancels its own request, never another's."""
+
+    async def test_a_client_leaving_during_the_key_lookup_does_not_fail_the_others_waiting_for_it(self):
+        from openai_api import auth
+
+        real_load_key = auth.load_key
+
+        def slow_load_key(digest):
+            time.sleep(0.3)
+            return real_load_key(digest)
+
+        auth.key_cache.clear()
+        body = json.dumps(BODY).encode()
+        with mock.patch.object(auth, "load_key", slow_load_key):
+            leaving = ApplicationCommunicator(application, http_scope(CHAT, self.auth))
+            staying = ApplicationCommunicator(application, http_scope(CHAT, self.auth))
+            await leaving.send_input({"type": "http.request", "body": body})
+            await asyncio.sleep(0.05)  # the first request now loads the key; the second will wait for it
+            await staying.send_input({"type": "http.request", "body": body})
+            await asyncio.sleep(0.05)
+            await leaving.send_input({"type": "http.disconnect"})
+            start = await staying.receive_output(timeout=5)
+            answer = await staying.receive_output(timeout=5)
+            await leaving.wait(timeout=2)
+        self.assertEqual(start["status"], 200, answer)
+        self.assertIn("choices", json.loads(answer["body"]))
+        self.assertTrue(await leaving.receive_nothing())  # nothing sent to a client that left
+
+    async def test_a_view_cancelled_from_inside_still_answers_with_a_json_error(self):
+        with mock.patch("openai_api.endpoint.authenticate", side_effect=asyncio.CancelledError), \
+                self.assertLogs("openai_api.handler", "ERROR"):
+            status, body = await request("POST", CHAT, self.auth, json.dumps(BODY).encode())
+        self.assertEqual(status, 500)
+        self.assertEqual(json.loads(body)["error"]["code"], "internal_error")

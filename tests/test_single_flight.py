@@ -1,10 +1,10 @@
-"""openai_api.backend.SingleFlight: one upstream call for everyone who needs it at once."""
+"""openai_api.single_flight.SingleFlight: one upstream call for everyone who needs it at once."""
 from __future__ import annotations
 
 import asyncio
 import unittest
 
-from openai_api.backend import SingleFlight
+from openai_api.single_flight import SingleFlight
 
 
 class SingleFlightTests(unittest.IsolatedAsyncioTestCase):
