@@ -169,12 +169,12 @@ def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> 
         for i, port in enumerate(ports):
             args = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port), "--loop", "uvloop",
                     "--http", "httptools", "--lifespan", "off", "--no-access-log", "gateway_project.asgi:application"]
-            procs.append(start_process(args, env=env, log_path=workdir / f"gateway-nginx-{i}.log"))
-        nginx_dir = workdir / "nginx"
+            procs.append(start_process(args, env=env, log_path=workdir / f"gateway-nginx{processes}-{i}.log"))
+        nginx_dir = workdir / f"nginx{processes}"
         nginx_dir.mkdir(exist_ok=True)
         nginx_port = free_port()
         procs.append(start_process(["nginx", "-c", str(render_nginx(nginx_dir, nginx_port, ports)), "-p", str(nginx_dir)],
-                                   log_path=workdir / "nginx.log"))
+                                   log_path=workdir / f"nginx{processes}.log"))
         noun = "process" if processes == 1 else "processes"
         target = Target(f"gateway-nginx{processes}", f"http://{HOST}:{nginx_port}", key, procs,
                         f"{processes} uvicorn {noun} behind nginx, PostgreSQL + Redis", services,
