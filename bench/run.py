@@ -272,7 +272,7 @@ DEFAULTS = {"targets": ["fastchat", "gateway"], "baseline": "fastchat", "loadgen
 # Two processes need the CPU that the Python load generator (~0.5 ms per request) would take.
 SCALING = {
     "targets": ["gateway", "gateway-nginx1", "gateway-nginx2"], "baseline": "gateway", "loadgen": "wrk",
-    "rounds": 3, "concurrency": [16, 64], "duration": 6.0,
+    "rounds": 5, "concurrency": [16, 64], "duration": 6.0,
 }  # fmt: skip
 
 
