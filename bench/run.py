@@ -282,7 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scaling", action="store_true",
         help="one process against two behind nginx: targets " + ",".join(SCALING["targets"])
-        + f", baseline {SCALING['baseline']}, wrk, concurrency 16,64, {SCALING['rounds']} rounds (about 10 min)",
+        + f", baseline {SCALING['baseline']}, wrk, concurrency 16,64, {SCALING['rounds']} rounds (about 13 min)",
     )  # fmt: skip
     parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1, quick 0.5)")
