@@ -3,6 +3,7 @@ worker and the gateway, with a fresh key and a curl line to try it."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,10 @@ class Command(BaseCommand):
         parser.add_argument("--models", default="demo-chat,demo-embed")
 
     def handle(self, *args, **options) -> None:
+        # SIGTERM (kill, systemctl stop) must stop the controller and worker too: the server
+        # restores this handler after draining and raises the signal again, so the finally
+        # clause below runs instead of the process dying with its children orphaned.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         call_command("migrate", interactive=False, verbosity=0)
         controller = f"http://127.0.0.1:{options['controller_port']}"
         logdir = tempfile.mkdtemp(prefix="gateway-demo-")

@@ -1,0 +1,48 @@
+"""`make demo` (manage.py demo): the README's first command serves, and stops all it started."""
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.gateway_process import gateway_env
+from tests.procs import REPO_ROOT, free_port, wait_for_port
+
+pytestmark = pytest.mark.e2e
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_demo_serves_with_the_printed_key_and_sigterm_stops_everything(tmp_path):
+    ports = {"--port": free_port(), "--controller-port": free_port(), "--worker-port": free_port()}
+    env = {k: v for k, v in gateway_env(tmp_path, "unused").items() if k not in ("REDIS_URL", "CONTROLLER_ADDRESS")}
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as output:
+        demo = subprocess.Popen([sys.executable, "manage.py", "demo", *(str(x) for item in ports.items() for x in item)],
+                                cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(ports["--port"], timeout=60)
+        key = re.search(r"API key \(shown once\): (sk-\S+)", log.read_text()).group(1)
+        answer = httpx.post(f"http://127.0.0.1:{ports['--port']}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                            json={"model": "demo-chat", "messages": [{"role": "user", "content": "Hello!"}]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(listening(port) for port in ports.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(listening(port) for port in ports.values()), log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
