@@ -47,9 +47,9 @@ function done(summary, latency, requests)
     if sample == "" then sample = thread:get("sample") end
   end
   local e = summary.errors
-  io.write(string.format("WRK %d %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration, failed,
+  io.write(string.format("WRK %d %d %d %d %d %d %d %d %d\\n", summary.requests, summary.duration, failed,
     e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.max, 0))
+    latency:percentile(99), latency.max))
   io.write("SAMPLE " .. sample .. "\\n")
 end
 """
@@ -77,7 +77,7 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float, timeout: f
     line = next((x for x in result.stdout.splitlines() if x.startswith("WRK ")), None)
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    requests, duration_us, failed, socket_errors, bad_status, p50, p90, p99, worst, _ = map(int, line.split()[1:])
+    requests, duration_us, failed, socket_errors, bad_status, p50, p90, p99, worst = map(int, line.split()[1:])
     sample = next((x[7:] for x in result.stdout.splitlines() if x.startswith("SAMPLE ")), "")
     return {
         "requests": requests, "seconds": duration_us / 1e6, "failed": failed, "socket_errors": socket_errors,
