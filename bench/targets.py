@@ -18,6 +18,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from tests.gateway_process import uvicorn_command  # noqa: E402 - needs the repository root on sys.path
 from tests.procs import (  # noqa: E402 - needs the repository root on sys.path
     HOST,
     free_port,
@@ -141,12 +142,7 @@ def start_gateway(backend: Backend, workdir: Path) -> Target:
     }
     manage(env, "migrate", "--noinput")
     key = manage(env, "create_api_key", "bench").strip().splitlines()[-1]
-    args = [
-        sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--lifespan", "off", "--no-access-log",
-        "gateway_project.asgi:application",
-    ]  # fmt: skip
-    proc = start_process(args, env=env, log_path=workdir / "gateway.log")
+    proc = start_process(uvicorn_command(port), env=env, log_path=workdir / "gateway.log")
     target = Target("gateway", f"http://{HOST}:{port}", key, [proc], "uvicorn, 1 process")
     wait_listening(target, port)
     return target
@@ -167,9 +163,7 @@ def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> 
         key = manage(env, "create_api_key", "bench").strip().splitlines()[-1]
         ports, procs = [free_port() for _ in range(processes)], []
         for i, port in enumerate(ports):
-            args = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port), "--loop", "uvloop",
-                    "--http", "httptools", "--lifespan", "off", "--no-access-log", "gateway_project.asgi:application"]
-            procs.append(start_process(args, env=env, log_path=workdir / f"gateway-nginx{processes}-{i}.log"))
+            procs.append(start_process(uvicorn_command(port), env=env, log_path=workdir / f"gateway-nginx{processes}-{i}.log"))
         nginx_dir = workdir / f"nginx{processes}"
         nginx_dir.mkdir(exist_ok=True)
         nginx_port = free_port()

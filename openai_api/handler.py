@@ -56,7 +56,7 @@ class APIHandler(ASGIHandler):
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         # Refuse an oversized body before reading it (Django would spool it all first).
         if declared_length(scope) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            await send_payload_too_large(send)
+            await send_error(send, 413, PayloadTooLargeError())
             return
         try:
             body_file = await self.read_body(receive)
@@ -74,14 +74,7 @@ class APIHandler(ASGIHandler):
     async def respond_until_disconnect(self, request: Any, receive: Any, send: Any) -> None:
         """Send the response; if the client disconnects first, cancel the view (which closes
         its upstream streams)."""
-        started = False
-
-        async def send_and_note(message: dict) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        responder = asyncio.create_task(self.get_and_send_response(request, send_and_note))
+        responder = asyncio.create_task(self.get_and_send_response(request, send))
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
         await asyncio.wait([responder, listener], return_when=asyncio.FIRST_COMPLETED)
         client_left = listener.done()
@@ -92,9 +85,10 @@ class APIHandler(ASGIHandler):
                 await task
             except (asyncio.CancelledError, RequestAborted):
                 pass
-        if not started and not client_left:
-            # The view was cancelled from inside, a bug: answer in the API's format rather than
-            # leave the server to send its plain-text 500.
+        # A responder cancelled while the client stayed never sent anything (a cancellation
+        # during the send is caught in get_and_send_response): the view was cancelled from
+        # inside, a bug. Answer in the API's format rather than leave the server's plain 500.
+        if responder.cancelled() and not client_left:
             logger.error("%s (request %s) ended without a response", request.path,
                          getattr(request, "request_id", ""))
             await send_error(send, 500, OpenAIError())
@@ -116,10 +110,6 @@ def declared_length(scope: dict) -> int:
             except ValueError:
                 return 0
     return 0
-
-
-async def send_payload_too_large(send: Any) -> None:
-    await send_error(send, 413, PayloadTooLargeError())
 
 
 async def send_error(send: Any, status: int, error: OpenAIError) -> None:

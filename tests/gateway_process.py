@@ -59,6 +59,15 @@ def gateway_env(tmp_path: Path, controller_url: str, extra: Mapping[str, str] | 
     }
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """One gateway process as the tests and bench/ run it: uvicorn with uvloop and httptools, no uvicorn access log."""
+    return [
+        sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--lifespan", "off", "--no-access-log",
+        "gateway_project.asgi:application",
+    ]  # fmt: skip
+
+
 def start_gateway(tmp_path: Path, controller_url: str, server: str = "daphne",
                   extra_env: Mapping[str, str] | None = None) -> Gateway:
     """Migrate a fresh SQLite database, then serve the gateway on a free port."""
@@ -68,8 +77,7 @@ def start_gateway(tmp_path: Path, controller_url: str, server: str = "daphne",
     if server == "daphne":
         args = [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(gateway.port), "gateway_project.asgi:application"]
     else:
-        args = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(gateway.port), "--loop", "uvloop",
-                "--http", "httptools", "--lifespan", "off", "--no-access-log", "gateway_project.asgi:application"]
+        args = uvicorn_command(gateway.port)
     gateway.proc = start_process(args, env=gateway.env, log_path=gateway.log_path)
     try:
         wait_for_port(gateway.port, timeout=20)

@@ -25,14 +25,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 10.0, host: str = HOST) -> None:
-    """Block until ``host:port`` accepts TCP connections; raise TimeoutError after ``timeout``."""
+def wait_for_port(
+    port: int, timeout: float = 10.0, host: str = HOST, proc: subprocess.Popen | None = None, what: str = "server"
+) -> None:
+    """Block until ``host:port`` accepts TCP connections; raise TimeoutError after ``timeout``,
+    or RuntimeError as soon as ``proc`` (the server that should listen) has exited."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s") from None
             time.sleep(0.05)
@@ -130,14 +135,11 @@ def _start_listening(
 ) -> subprocess.Popen[bytes]:
     """Start a server process and wait for its port; kill it if it never listens."""
     proc = start_process(args, env=env, log_path=log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args[2]} exited with {proc.returncode}; see {log_path}")
-        try:
-            wait_for_port(port, timeout=0.2)
-            return proc
-        except TimeoutError:
-            continue
-    stop_process(proc)
-    raise TimeoutError(f"{args[2]} did not listen on port {port} within {timeout} s")
+    try:
+        wait_for_port(port, timeout, proc=proc, what=args[2])
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; see {log_path}") from None
+    except TimeoutError:
+        stop_process(proc)
+        raise TimeoutError(f"{args[2]} did not listen on port {port} within {timeout} s") from None
+    return proc

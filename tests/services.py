@@ -27,7 +27,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from tests.procs import HOST, free_port, wait_for_port
+
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
 DATABASE = "gateway"
 BACKENDS_ENV = "GATEWAY_TEST_BACKENDS"
@@ -45,26 +45,6 @@ BACKENDS_ENV = "GATEWAY_TEST_BACKENDS"
 
 class ServiceUnavailable(RuntimeError):
     """The server binary is missing or cannot run here (tests skip on it)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} does not listen on {HOST}:{port} after {timeout} s") from None
-            time.sleep(0.05)
 
 
 def pg_bin_dir() -> Path:
@@ -201,7 +181,7 @@ def redis_server() -> Iterator[Redis]:
              "--dir", str(directory), "--daemonize", "no", "--protected-mode", "no"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for_port(server.port, 20, server.proc, "redis-server")
+        wait_for_port(server.port, 20, proc=server.proc, what="redis-server")
         yield server
     finally:
         log.close()
