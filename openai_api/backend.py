@@ -74,28 +74,29 @@ class Backend:
         return model in await self.models(refresh=True)
 
     async def template(self, address: str, model: str) -> Template:
-        key = (address, model)
-        cached = self._templates.get(key)
-        if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
-            cached = await self._flights.run(("template", key), lambda: self._fetch_template(address, model))
-        return cached[0]
+        async def fetch() -> Template:
+            return Template.from_worker(await self.client.conv_template(address, model))
 
-    async def _fetch_template(self, address: str, model: str) -> tuple[Template, float]:
-        template = Template.from_worker(await self.client.conv_template(address, model))
-        cached = self._templates[(address, model)] = (template, self.clock())
-        return cached
+        return await self._worker_fact(self._templates, address, model, fetch)
 
     async def context_length(self, address: str, model: str) -> int:
-        key = (address, model)
-        cached = self._context_lengths.get(key)
-        if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
-            cached = await self._flights.run(("context", key), lambda: self._fetch_context_length(address, model))
-        return cached[0]
+        return await self._worker_fact(self._context_lengths, address, model,
+                                       lambda: self.client.model_details(address, model))
 
-    async def _fetch_context_length(self, address: str, model: str) -> tuple[int, float]:
-        length = await self.client.model_details(address, model)
-        cached = self._context_lengths[(address, model)] = (length, self.clock())
-        return cached
+    async def _worker_fact(self, cache: dict[tuple[str, str], tuple[T, float]], address: str, model: str,
+                           fetch: Callable[[], Awaitable[T]]) -> T:
+        """A worker's answer about a model, trusted for WORKER_FACTS_TTL; fetched once for all
+        the requests that need it at the same time."""
+        key = (address, model)
+        cached = cache.get(key)
+        if cached is None or self.clock() - cached[1] > WORKER_FACTS_TTL:
+
+            async def fetch_and_store() -> tuple[T, float]:
+                cache[key] = (await fetch(), self.clock())
+                return cache[key]
+
+            cached = await self._flights.run((id(cache), key), fetch_and_store)
+        return cached[0]
 
     async def worker_address(self, model: str, fresh: bool = False) -> str:
         """A worker for `model`: from the controller, or, when GATEWAY_WORKER_ADDRESS_TTL > 0,
