@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 
-from openai_api.client import FastChatClient, WorkerUnreachableError
+from openai_api.client import FastChatClient, WorkerStream, WorkerUnreachableError
 from openai_api.conversation import Template
 from openai_api.errors import UpstreamUnavailableError
 from openai_api.single_flight import SingleFlight
@@ -82,6 +82,25 @@ class Backend:
     async def context_length(self, address: str, model: str) -> int:
         return await self._worker_fact(self._context_lengths, address, model,
                                        lambda: self.client.model_details(address, model))
+
+    # The rest of the worker protocol: views and the chat/completions/embeddings modules call these,
+    # never self.client, so what reaches a worker goes through one place.
+
+    async def count_tokens(self, address: str, model: str, prompt: str) -> int:
+        """The worker's token count for `prompt` (its /count_token)."""
+        return await self.client.count_tokens(address, model, prompt)
+
+    async def embeddings(self, address: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One worker embeddings call ({"model", "input": [str, ...], "encoding_format"})."""
+        return await self.client.embeddings(address, payload)
+
+    async def open_stream(self, address: str, params: dict[str, Any]) -> WorkerStream:
+        """A worker generation stream (its response headers received)."""
+        return await self.client.open_stream(address, params)
+
+    async def ping_controller(self) -> None:
+        """Raises an UpstreamUnavailableError if the controller does not answer."""
+        await self.client.ping_controller()
 
     async def _worker_fact(self, cache: dict[tuple[str, str], tuple[T, float]], address: str, model: str,
                            fetch: Callable[[], Awaitable[T]]) -> T:
