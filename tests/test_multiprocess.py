@@ -1,5 +1,5 @@
 """Two gateway processes (uvicorn) sharing a PostgreSQL and a Redis of their own, in front of
-FastChat's real controller and one demo worker (SPEC.md sections 5 and 7):
+FastChat's real controller and one demo worker (docs/decisions.md#limits, #keys):
 
 - a key limited to 20 requests/minute gets exactly 20 successes out of 100 concurrent requests
   spread over both processes;
