@@ -32,6 +32,8 @@ install-test: install system-deps
 demo: install
 	$(BIN)/python manage.py demo
 
+# The test commands run with a secret key of their own (tests/settings.py sets one for pytest).
+test: export DJANGO_SECRET_KEY ?= tests-only-secret-key-never-used-in-production
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py check

@@ -6,6 +6,7 @@ function (for example two gateway processes behind nginx) and every scenario run
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+# The gateways and management commands started here refuse to run without a secret key.
+os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-secret-key-never-used-in-production")
 
 from tests.gateway_process import uvicorn_command  # noqa: E402 - needs the repository root on sys.path
 from tests.procs import (  # noqa: E402 - needs the repository root on sys.path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -56,12 +57,48 @@ def env_secret(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+def demo_secret_key() -> str:
+    """`manage.py demo`'s own key: made once and kept in var/, so admin sessions outlive a restart."""
+    path = BASE_DIR / "var" / "demo-secret-key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
 # Core Django
 DEBUG = env_bool("DJANGO_DEBUG")
-SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or "insecure-development-key-change-me"
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["*"])
+# `manage.py demo` runs the whole stack on one machine and needs no configuration.
+RUNNING_DEMO = sys.argv[1:2] == ["demo"]
+# Sessions, CSRF tokens and password resets are signed with it: a known key lets anyone forge
+# an admin session, so a production process refuses to start without one.
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if RUNNING_DEMO:
+        SECRET_KEY = demo_secret_key()
+    elif DEBUG:
+        SECRET_KEY = "insecure-development-key-change-me"
+    else:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) must be set when DJANGO_DEBUG is off, e.g. to the "
+            "output of: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+# Host names this gateway answers to (the admin and /api/keys/ check it). Behind nginx, list
+# the public names; the loopback names keep local health checks and `manage.py demo` working.
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 USE_X_FORWARDED_HOST = env_bool("DJANGO_USE_X_FORWARDED_HOST")
+
+# Behind a proxy that terminates TLS (deploy/nginx/gateway.conf sets X-Forwarded-Proto): trust
+# its scheme header, send cookies over HTTPS only and ask browsers to stay on HTTPS (HSTS, sent
+# by the admin and /api/keys/ on HTTPS requests). Each can be set on its own as well.
+GATEWAY_BEHIND_TLS = env_bool("GATEWAY_BEHIND_TLS")
+if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", str(GATEWAY_BEHIND_TLS)):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", str(GATEWAY_BEHIND_TLS))
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", str(GATEWAY_BEHIND_TLS))
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000 if GATEWAY_BEHIND_TLS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS")
 
 # daphne's app only turns `runserver` into an ASGI server, and it imports Twisted (27 MB per
 # process), so only runserver loads it; served processes run uvicorn or daphne directly.
@@ -84,7 +121,7 @@ INSTALLED_APPS = [
 # The admin and the key-management API get Django's full stack.
 MIDDLEWARE = [
     "openai_api.middleware.request_id",
-    "openai_api.middleware.cors",
+    "openai_api.middleware.cors",  # answers on the OpenAI paths only, never the admin's or /api/keys/
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -52,7 +52,14 @@ def add_request_id(request: HttpRequest, response: HttpResponse) -> HttpResponse
 request_id = both(assign_request_id, add_request_id)
 
 
+# Cross-origin pages may call the OpenAI API (with a key they hold), never the admin or
+# /api/keys/, which a staff member's session cookie would open to them.
+CORS_PATH_PREFIXES = ("/v1/", "/api/v1/")
+
+
 def cors_preflight(request: HttpRequest) -> HttpResponse | None:
+    if not request.path.startswith(CORS_PATH_PREFIXES):
+        return None
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response = HttpResponse(status=200)
         response["Access-Control-Allow-Methods"] = allowed(settings.CORS_ALLOWED_METHODS, request.headers["Access-Control-Request-Method"])
@@ -66,18 +73,19 @@ def cors_preflight(request: HttpRequest) -> HttpResponse | None:
 
 def cors_headers(request: HttpRequest, response: HttpResponse) -> HttpResponse:
     origin = request.headers.get("Origin")
-    if origin is None:
+    if origin is None or not request.path.startswith(CORS_PATH_PREFIXES):
         return response
     origins = settings.CORS_ALLOWED_ORIGINS
-    if "*" in origins and not settings.CORS_ALLOW_CREDENTIALS:
-        response["Access-Control-Allow-Origin"] = "*"
-    elif "*" in origins or origin in origins:
+    if origin in origins:
         response["Access-Control-Allow-Origin"] = origin
         response["Vary"] = "Origin"
-    else:
-        return response
-    if settings.CORS_ALLOW_CREDENTIALS:
-        response["Access-Control-Allow-Credentials"] = "true"
+        if settings.CORS_ALLOW_CREDENTIALS:
+            response["Access-Control-Allow-Credentials"] = "true"
+    elif "*" in origins:
+        # Any site may call the API with a key it holds, but credentials (cookies) are shared
+        # with the listed origins only: echoing every origin with credentials would let any
+        # page make requests in a visitor's name (Starlette echoes it; browsers refuse "*").
+        response["Access-Control-Allow-Origin"] = "*"
     return response
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from django.utils.crypto import constant_time_compare
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +25,7 @@ from prometheus_client import (
 )
 
 from openai_api.context import RequestContext
+from openai_api.insiders import is_insider
 
 access_logger = logging.getLogger("gateway.access")
 
@@ -113,10 +113,14 @@ def access_line(ctx: RequestContext) -> str:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """Prometheus text format (summed over processes in multiprocess mode)."""
-    token = settings.GATEWAY_METRICS_TOKEN
-    if token and not constant_time_compare(request.headers.get("Authorization", ""), f"Bearer {token}"):
-        return HttpResponse("Unauthorized", status=401, content_type="text/plain")
+    """Prometheus text format (summed over processes in multiprocess mode), for holders of
+    GATEWAY_METRICS_TOKEN or, without one, direct callers on this host (openai_api/insiders.py)."""
+    if not is_insider(request):
+        if settings.GATEWAY_METRICS_TOKEN:
+            return HttpResponse("Unauthorized", status=401, content_type="text/plain",
+                                headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+        return HttpResponse("Forbidden: /metrics answers callers on this host, or set GATEWAY_METRICS_TOKEN.",
+                            status=403, content_type="text/plain")
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

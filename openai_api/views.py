@@ -14,6 +14,7 @@ from openai_api.backend import Backend, get_backend
 from openai_api.endpoint import api_endpoint, json_response, read_json, started
 from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
 from openai_api.ids import random_id
+from openai_api.insiders import is_insider
 from openai_api.observability import stream_started
 from openai_api.streaming import sse_response
 from openai_api.tokens import as_texts
@@ -156,7 +157,11 @@ async def ready(request: HttpRequest) -> HttpResponse:
     except OpenAIError as exc:
         checks["controller"] = f"error: {exc.message}"
     healthy = all(value == "ok" for value in checks.values())
-    return json_response({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)
+    answer = {"status": "ok" if healthy else "unavailable"}
+    # What failed, and how, names internal addresses: for this host and token holders only.
+    if is_insider(request):
+        answer["checks"] = checks
+    return json_response(answer, status=200 if healthy else 503)
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

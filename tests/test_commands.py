@@ -62,10 +62,10 @@ class CorsTests(TestCase):
 
     @override_settings(CORS_ALLOWED_ORIGINS=["https://app.example"], CORS_ALLOW_CREDENTIALS=True)
     def test_only_listed_origins_get_cors_headers(self):
-        allowed = self.client.get("/health", headers={"Origin": "https://app.example"})
+        allowed = self.client.get("/v1/models", headers={"Origin": "https://app.example"})
         self.assertEqual(allowed["Access-Control-Allow-Origin"], "https://app.example")
         self.assertEqual(allowed["Access-Control-Allow-Credentials"], "true")
-        other = self.client.get("/health", headers={"Origin": "https://evil.example"})
+        other = self.client.get("/v1/models", headers={"Origin": "https://evil.example"})
         self.assertNotIn("Access-Control-Allow-Origin", other)
 
 

@@ -1,0 +1,11 @@
+"""The test run's settings: the gateway's, with a secret key of its own.
+
+The gateway refuses to start without DJANGO_SECRET_KEY (gateway_project/settings.py). Setting it
+in the environment here, before the settings load, also gives it to every process the tests start
+(gateways, management commands), since they inherit the environment.
+"""
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-secret-key-never-used-in-production")
+
+from gateway_project.settings import *  # noqa: E402, F403
