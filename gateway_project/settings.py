@@ -164,6 +164,11 @@ DATABASES = {
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
     )
 }
+# A database that does not answer fails a connection attempt after this many seconds (PostgreSQL),
+# so key look-ups answer 503 instead of hanging (openai_api/auth.py).
+GATEWAY_DATABASE_CONNECT_TIMEOUT = env_int("GATEWAY_DATABASE_CONNECT_TIMEOUT", 2)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", GATEWAY_DATABASE_CONNECT_TIMEOUT)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"
@@ -200,6 +205,13 @@ GATEWAY_GC_GEN0_THRESHOLD = env_int("GATEWAY_GC_GEN0_THRESHOLD", 20000)
 # One JSON line per API request on the "gateway.access" logger.
 GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
 # When set, GET /metrics needs "Authorization: Bearer <this token>".
+# While the database cannot be read, a key known to the process keeps working from memory for
+# this long after it was last read; keys it does not know get 503.
+GATEWAY_KEY_GRACE_SECONDS = env_float("GATEWAY_KEY_GRACE_SECONDS", 300)
+# The longest a request waits for its key to be read from the database before it gets 503.
+GATEWAY_KEY_LOOKUP_TIMEOUT = env_float("GATEWAY_KEY_LOOKUP_TIMEOUT", 2.0)
+# Tokens found to be no key are remembered (least recently seen forgotten first) up to this many.
+GATEWAY_KEY_NEGATIVE_CACHE_SIZE = env_int("GATEWAY_KEY_NEGATIVE_CACHE_SIZE", 10_000)
 GATEWAY_METRICS_TOKEN = env_secret("GATEWAY_METRICS_TOKEN")
 
 # CORS (FastChat's --allow-credentials/--allowed-origins/--allowed-methods/--allowed-headers)
@@ -216,6 +228,10 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Seconds to connect to Redis or wait for its answer (limits) before giving up on it.
+GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 1.0)
+# Redis unreachable: keys with limits get 503 (False, fail closed) or are served unchecked (True).
+GATEWAY_LIMITS_FAIL_OPEN = env_bool("GATEWAY_LIMITS_FAIL_OPEN", "False")
 REST_FRAMEWORK = {
     # The key-management API (keys/api.py): a staff user's bearer key first, so that
     # unauthenticated requests get 401 with WWW-Authenticate; then the admin's session.

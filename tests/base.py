@@ -1,4 +1,7 @@
-"""Shared test cast: two keys (one active, one revoked) and a FakeFastChat."""
+"""Shared test cast: two keys (one active, one revoked) and a FakeFastChat.
+
+API requests (self.post, self.get, self.async_client) go through the production ASGI
+application and its API handler (tests/asgi.py), not Django's full middleware stack."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ from keys.usage import usage_writer
 from openai_api.auth import key_cache
 from openai_api.backend import reset_backend
 from openai_api.client import reset_http_client
+from tests.asgi import ProductionAsyncClient
 from tests.fakes import CONTROLLER, FakeFastChat
 
 
@@ -20,6 +24,8 @@ from tests.fakes import CONTROLLER, FakeFastChat
 # turns the address pool on.
 @override_settings(CONTROLLER_ADDRESS=CONTROLLER, GATEWAY_WORKER_RETRIES=3, GATEWAY_WORKER_ADDRESS_TTL=0)
 class GatewayTestCase(TestCase):
+    async_client_class = ProductionAsyncClient
+
     def setUp(self) -> None:
         super().setUp()
         self.key, self.plaintext = APIKey.objects.create_key("alice")
