@@ -5,11 +5,17 @@ on every path (success, error, timeout, client disconnect). Two stores share one
 MemoryLimitStore (one process) and RedisLimitStore (atomic Lua scripts, shared by every
 process), chosen by REDIS_URL. Windows are sliding: requests are counted over the last 60 s,
 tokens in one-second buckets over the last 60 s.
+
+A refused request raises LimitExceeded; a store that cannot decide (Redis unreachable, a
+budget's usage unreadable) raises LimitsUnavailable (keys/exceptions.py). The Redis store
+waits at most its socket timeout for Redis, then answers at once for a second (no request
+queues behind a dead server), and retries the releases that failed in the background, so no
+parallel slot stays taken once Redis is back.
 """
 from __future__ import annotations
 
 import asyncio
-import math
+import logging
 import time
 import uuid
 from collections import deque
@@ -18,13 +24,23 @@ from datetime import datetime
 from typing import Protocol
 
 from asgiref.sync import sync_to_async
+from django.db import Error as DatabaseError
 from django.utils import timezone
 
-from openai_api.errors import QuotaExceededError, RateLimitError, TokenRateLimitError
+from keys.exceptions import LimitExceeded, LimitsUnavailable
+
+logger = logging.getLogger(__name__)
 
 WINDOW = 60.0
 # A parallel slot older than this is presumed leaked by a dead process (Redis store).
 SLOT_TTL = 6 * 3600
+# After Redis failed to answer, requests are refused (or admitted, failing open) at once for
+# this long instead of each waiting for its own timeout.
+OUTAGE_BACKOFF = 1.0
+# Releases that failed wait in memory (oldest dropped beyond this) and are retried with a
+# backoff growing from the first to the last delay.
+MAX_QUEUED_RELEASES = 100_000
+RELEASE_RETRY_DELAYS = (0.25, 5.0)
 
 
 @dataclass(frozen=True)
@@ -91,26 +107,9 @@ def rate_headers(limits: Limits, requests_used: int, tokens_used: int, request_r
     return headers
 
 
-def refusal(kind: str, limits: Limits, retry_after: float, headers: dict[str, str]) -> RateLimitError:
-    """The 429 for a refused request: which limit, when to retry."""
-    retry = {"Retry-After": str(max(1, math.ceil(retry_after))), **headers}
-    if kind == "budget":
-        return QuotaExceededError(
-            f"This key used its token budget of {limits.token_budget} for this {limits.budget_period}.",
-            headers={**headers, "x-should-retry": "false"},
-        )
-    messages = {
-        "requests": f"Rate limit reached: {limits.requests_per_minute} requests per minute.",
-        "tokens": f"Rate limit reached: {limits.tokens_per_minute} tokens per minute.",
-        "parallel": f"Too many parallel requests: at most {limits.parallel_requests} at a time.",
-    }
-    error_class = TokenRateLimitError if kind == "tokens" else RateLimitError
-    return error_class(messages[kind], headers=retry)
-
-
 class LimitStore(Protocol):
     async def acquire(self, limits: Limits) -> Lease:
-        """Admit a request or raise RateLimitError / QuotaExceededError (429)."""
+        """Admit a request, or raise LimitExceeded (refused) or LimitsUnavailable (cannot tell)."""
 
     async def release(self, lease: Lease, tokens: int) -> None:
         """Give back a lease and count the tokens the request used."""
@@ -145,13 +144,13 @@ class MemoryLimitStore:
         token_reset = min(state.token_buckets) + WINDOW - now if state.token_buckets else 0.0
         headers = rate_headers(limits, len(state.requests) + 1, tokens_used, request_reset, token_reset)
         if limits.token_budget is not None and state.budget_used >= limits.token_budget:
-            raise refusal("budget", limits, 0, headers)
+            raise LimitExceeded("budget", limits, 0, headers)
         if limits.parallel_requests is not None and state.parallel >= limits.parallel_requests:
-            raise refusal("parallel", limits, 1, headers)
+            raise LimitExceeded("parallel", limits, 1, headers)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
-            raise refusal("requests", limits, request_reset, rate_headers(limits, len(state.requests), tokens_used, request_reset, token_reset))
+            raise LimitExceeded("requests", limits, request_reset, rate_headers(limits, len(state.requests), tokens_used, request_reset, token_reset))
         if limits.tokens_per_minute is not None and tokens_used >= limits.tokens_per_minute:
-            raise refusal("tokens", limits, token_reset, headers)
+            raise LimitExceeded("tokens", limits, token_reset, headers)
         state.requests.append(now)
         state.parallel += 1
         return Lease(limits, headers=headers)
@@ -181,13 +180,22 @@ class MemoryLimitStore:
     async def _ensure_budget(self, state: KeyState, limits: Limits) -> None:
         period = budget_period_name(limits.budget_period)
         if state.budget_period != period or state.budget_used is None:
-            used = await self._load_budget_used(limits)
+            used = await load_budget(self._load_budget_used, limits)
             if state.budget_period != period or state.budget_used is None:
                 state.budget_period, state.budget_used = period, used
 
     async def parallel_in_use(self, key_id: int) -> int:
         """Parallel slots held now (releases are immediate in memory)."""
         return self.states.get(key_id, KeyState()).parallel
+
+
+async def load_budget(loader, limits: Limits) -> int:
+    """The tokens a key used in its budget's period so far; LimitsUnavailable if the database
+    cannot tell."""
+    try:
+        return await loader(limits)
+    except DatabaseError as exc:
+        raise LimitsUnavailable(f"the budget's usage could not be read ({type(exc).__name__})") from None
 
 
 async def default_budget_loader(limits: Limits) -> int:
@@ -257,22 +265,46 @@ return 1
 
 
 class RedisLimitStore:
-    """Limits shared by every process through Redis; each decision is one atomic script."""
+    """Limits shared by every process through Redis; each decision is one atomic script.
 
-    def __init__(self, url: str, clock=time.time, load_budget_used=None, prefix: str = "gw"):
+    Redis unreachable: acquire raises LimitsUnavailable within `timeout` seconds (and at once
+    for OUTAGE_BACKOFF seconds after a failure); a release that failed is queued and retried
+    until Redis answers. A release whose answer was lost (a timeout after Redis ran it) may
+    count its tokens twice; its slot is freed either way.
+    """
+
+    def __init__(self, url: str, clock=time.time, load_budget_used=None, prefix: str = "gw",
+                 timeout: float = 1.0, monotonic=time.monotonic):
         self.url = url
         self.clock = clock
+        self.monotonic = monotonic
         self.prefix = prefix
+        self.timeout = timeout
         self._load_budget_used = load_budget_used or default_budget_loader
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
+        self._down_until = float("-inf")
+        self._queued: deque[tuple[list[str], list]] = deque()
+        self._retrier: asyncio.Task | None = None
+        self.dropped_releases = 0
+        from redis.exceptions import RedisError
+
+        self._failures = (RedisError, OSError)
 
     def client(self):
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError
 
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = redis.Redis.from_url(self.url)
+            # One immediate retry, on a broken connection only (a pooled connection Redis closed
+            # while restarting); redis-py's default retries with backoff for seconds.
+            client = self._clients[loop] = redis.Redis.from_url(
+                self.url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+            )
             client._acquire = client.register_script(ACQUIRE_SCRIPT)
             client._release = client.register_script(RELEASE_SCRIPT)
         return client
@@ -282,10 +314,29 @@ class RedisLimitStore:
         period = budget_period_name(limits.budget_period)
         return [f"{base}:requests", f"{base}:tokens", f"{base}:parallel", f"{base}:budget:{period}"]
 
+    @property
+    def available(self) -> bool:
+        """False for OUTAGE_BACKOFF seconds after Redis failed to answer."""
+        return self.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> LimitsUnavailable:
+        if self.available:
+            logger.warning("Redis did not answer (%s): limits cannot be checked", type(exc).__name__)
+        self._down_until = self.monotonic() + OUTAGE_BACKOFF
+        return LimitsUnavailable(f"the limit store did not answer ({type(exc).__name__})", OUTAGE_BACKOFF)
+
     async def acquire(self, limits: Limits) -> Lease:
+        if not self.available:
+            raise LimitsUnavailable("the limit store did not answer", self._down_until - self.monotonic())
+        try:
+            return await self._acquire(limits)
+        except self._failures as exc:
+            raise self._failed(exc) from None
+
+    async def _acquire(self, limits: Limits) -> Lease:
         client, keys = self.client(), self.keys(limits)
         if limits.token_budget is not None and not await client.exists(keys[3]):
-            used = await self._load_budget_used(limits)
+            used = await load_budget(self._load_budget_used, limits)
             await client.set(keys[3], used, nx=True, ex=40 * 86400)
         lease = Lease(limits)
         verdict, requests, tokens, request_reset, token_reset = await client._acquire(keys=keys, args=[
@@ -299,15 +350,52 @@ class RedisLimitStore:
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict != "ok":
             retry_after = {"requests": request_reset, "tokens": token_reset, "parallel": 1}.get(verdict, 0)
-            raise refusal(verdict, limits, retry_after, lease.headers)
+            raise LimitExceeded(verdict, limits, retry_after, lease.headers)
         return lease
 
     async def release(self, lease: Lease, tokens: int) -> None:
+        """Give the lease back; if Redis cannot take it now, queue it for the retrier."""
         if lease.released:
             return
         lease.released = True
-        await self.client()._release(keys=self.keys(lease.limits),
-                                     args=[lease.id, int(tokens), int(self.clock())])
+        release = (self.keys(lease.limits), [lease.id, int(tokens), int(self.clock())])
+        if self.available and not self._queued:
+            try:
+                await self._send_release(release)
+                return
+            except self._failures as exc:
+                self._failed(exc)
+        self._queue_release(release)
+
+    async def _send_release(self, release: tuple[list[str], list]) -> None:
+        keys, args = release
+        await self.client()._release(keys=keys, args=args)
+
+    def _queue_release(self, release: tuple[list[str], list]) -> None:
+        if len(self._queued) >= MAX_QUEUED_RELEASES:
+            self._queued.popleft()
+            self.dropped_releases += 1  # its slot expires after SLOT_TTL
+        self._queued.append(release)
+        loop = asyncio.get_running_loop()
+        if self._retrier is None or self._retrier.done() or self._retrier.get_loop() is not loop:
+            self._retrier = loop.create_task(self._retry_releases())
+
+    async def _retry_releases(self) -> None:
+        """Send the queued releases in order, backing off while Redis does not answer."""
+        delay, longest = RELEASE_RETRY_DELAYS
+        while self._queued:
+            await asyncio.sleep(delay)
+            try:
+                while self._queued:
+                    await self._send_release(self._queued[0])
+                    self._queued.popleft()
+            except self._failures:
+                delay = min(delay * 2, longest)
+        logger.info("Redis answers again: the releases that had failed are done")
+
+    @property
+    def queued_releases(self) -> int:
+        return len(self._queued)
 
     def release_soon(self, lease: Lease, tokens: int) -> None:
         """Release from synchronous code: a task of its own, so a cancelled request still releases."""
@@ -343,7 +431,10 @@ def get_limit_store() -> MemoryLimitStore | RedisLimitStore:
     if _store is None:
         from django.conf import settings
 
-        _store = RedisLimitStore(settings.REDIS_URL) if settings.REDIS_URL else MemoryLimitStore()
+        if settings.REDIS_URL:
+            _store = RedisLimitStore(settings.REDIS_URL, timeout=settings.GATEWAY_REDIS_TIMEOUT)
+        else:
+            _store = MemoryLimitStore()
     return _store
 
 

@@ -142,6 +142,27 @@ class QuotaExceededError(RateLimitError):
     default_message = "You exceeded your current quota."
 
 
+class ServiceUnavailableError(OpenAIError):
+    """A service the gateway itself relies on (its database, Redis) cannot answer: the request
+    is refused rather than served unchecked. Retry-After says when to try again."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+    fastchat_code = ErrorCode.INTERNAL_ERROR
+    default_message = "The gateway cannot serve this request right now. Please retry later."
+
+
+class KeyLookupUnavailableError(ServiceUnavailableError):
+    code = "key_lookup_unavailable"
+    default_message = "The gateway cannot check API keys right now. Please retry later."
+
+
+class LimitsUnavailableError(ServiceUnavailableError):
+    code = "limits_unavailable"
+    default_message = "The gateway cannot check this key's rate limits right now. Please retry later."
+
+
 class UpstreamError(OpenAIError):
     """The worker answered with an error (a bad status or an error_code chunk)."""
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import httpx
 
+from keys.exceptions import LimitExceeded
 from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store
 from keys.models import APIKey
 from openai_api.auth import key_cache
-from openai_api.errors import QuotaExceededError, RateLimitError
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import read_stream
@@ -88,9 +88,10 @@ class MemoryStoreTests(GatewayTestCase):
         await self.store.acquire(limits)
         self.now += 30
         await self.store.acquire(limits)
-        with self.assertRaises(RateLimitError) as refused:
+        with self.assertRaises(LimitExceeded) as refused:
             await self.store.acquire(limits)
-        self.assertEqual(refused.exception.headers["Retry-After"], "30")
+        self.assertEqual((refused.exception.kind, refused.exception.retry_after), ("requests", 30))
+        self.assertEqual(refused.exception.headers["x-ratelimit-remaining-requests"], "0")
         self.now += 30.5
         await self.store.acquire(limits)
 
@@ -98,8 +99,9 @@ class MemoryStoreTests(GatewayTestCase):
         limits = Limits(1, tokens_per_minute=100)
         lease = await self.store.acquire(limits)
         await self.store.release(lease, 100)
-        with self.assertRaises(RateLimitError):
+        with self.assertRaises(LimitExceeded) as refused:
             await self.store.acquire(limits)
+        self.assertEqual(refused.exception.kind, "tokens")
         self.now += 61
         await self.store.acquire(limits)
 
@@ -108,8 +110,9 @@ class MemoryStoreTests(GatewayTestCase):
         limits = Limits(1, token_budget=100, budget_period="month")
         lease = await self.store.acquire(limits)
         await self.store.release(lease, 10)
-        with self.assertRaises(QuotaExceededError):
+        with self.assertRaises(LimitExceeded) as refused:
             await self.store.acquire(limits)
+        self.assertEqual((refused.exception.kind, refused.exception.limits), ("budget", limits))
 
     async def test_a_lease_is_released_once(self):
         limits = Limits(1, parallel_requests=1)
@@ -118,8 +121,9 @@ class MemoryStoreTests(GatewayTestCase):
         await self.store.release(lease, 0)
         self.assertEqual(await self.store.parallel_in_use(1), 0)
         await self.store.acquire(limits)
-        with self.assertRaises(RateLimitError):
+        with self.assertRaises(LimitExceeded) as refused:
             await self.store.acquire(limits)
+        self.assertEqual((refused.exception.kind, refused.exception.retry_after), ("parallel", 1))
 
     def test_reset_times_use_openais_format(self):
         self.assertEqual([format_reset(s) for s in (0.02, 1.5, 360)], ["20ms", "1.5s", "6m0s"])

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from django.test import override_settings
 
+from keys.exceptions import LimitExceeded
 from keys.limits import Limits, RedisLimitStore, get_limit_store, reset_limit_store
 from keys.models import APIKey
 from openai_api.auth import key_cache
-from openai_api.errors import QuotaExceededError, RateLimitError, TokenRateLimitError
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.services import ServiceUnavailable, redis_server, under_services_wrapper
@@ -86,9 +86,9 @@ def test_the_request_window_slides(store):
         assert first.headers["x-ratelimit-remaining-requests"] == "1"
         store.clock_.now += 30
         await store.acquire(limits)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(LimitExceeded) as refused:
             await store.acquire(limits)
-        assert refused.value.headers["Retry-After"] == "30"
+        assert (refused.value.kind, refused.value.retry_after) == ("requests", 30)
         assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
         store.clock_.now += 30.5
         await store.acquire(limits)  # the first request left the window
@@ -102,8 +102,9 @@ def test_tokens_leave_the_window_after_a_minute(store):
     async def scenario():
         lease = await store.acquire(limits)
         await store.release(lease, 100)
-        with pytest.raises(TokenRateLimitError) as refused:
+        with pytest.raises(LimitExceeded) as refused:
             await store.acquire(limits)
+        assert refused.value.kind == "tokens"
         assert refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
         store.clock_.now += 61
         await store.acquire(limits)
@@ -118,9 +119,9 @@ def test_the_budget_starts_from_the_database_usage(store):
     async def scenario():
         lease = await store.acquire(limits)
         await store.release(lease, 10)
-        with pytest.raises(QuotaExceededError) as refused:
+        with pytest.raises(LimitExceeded) as refused:
             await store.acquire(limits)
-        assert refused.value.headers["x-should-retry"] == "false"
+        assert (refused.value.kind, refused.value.limits) == ("budget", limits)
 
     run(store, scenario())
 
@@ -139,8 +140,9 @@ def test_the_budget_is_loaded_once_and_then_counted_in_redis(store):
         for _ in range(4):
             await store.release(await store.acquire(limits), 12)  # 48 tokens
         await store.release(await store.acquire(limits), 5)  # 53: over the budget now
-        with pytest.raises(QuotaExceededError):
+        with pytest.raises(LimitExceeded) as refused:
             await store.acquire(limits)
+        assert refused.value.kind == "budget"
 
     run(store, scenario())
     assert calls == [7]
@@ -156,9 +158,9 @@ def test_a_lease_is_released_once(store):
         await store.release(lease, 0)
         assert await store.parallel_in_use(1) == 0
         await store.acquire(limits)
-        with pytest.raises(RateLimitError) as refused:
+        with pytest.raises(LimitExceeded) as refused:
             await store.acquire(limits)
-        assert refused.value.headers["Retry-After"] == "1"
+        assert (refused.value.kind, refused.value.retry_after) == ("parallel", 1)
         assert await store.parallel_in_use(1) == 1
 
     run(store, scenario())
@@ -168,7 +170,7 @@ def test_keys_do_not_share_counters(store):
     async def scenario():
         await store.acquire(Limits(1, requests_per_minute=1))
         await store.acquire(Limits(2, requests_per_minute=1))
-        with pytest.raises(RateLimitError):
+        with pytest.raises(LimitExceeded):
             await store.acquire(Limits(1, requests_per_minute=1))
 
     run(store, scenario())
@@ -199,7 +201,7 @@ def test_100_concurrent_acquires_admit_exactly_20(store):
         try:
             await store.acquire(limits)
             return True
-        except RateLimitError:
+        except LimitExceeded:
             return False
 
     async def scenario():
@@ -221,7 +223,7 @@ def test_concurrent_acquires_from_several_clients_are_exact(store):
         try:
             await store.acquire(limits)
             return True
-        except RateLimitError:
+        except LimitExceeded:
             return False
 
     async def attempts():
