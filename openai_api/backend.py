@@ -57,6 +57,11 @@ class Backend:
         self._context_lengths: dict[tuple[str, str], tuple[int, float]] = {}
         self._flights = SingleFlight()
 
+    @property
+    def known_models(self) -> list[str]:
+        """The model list as last fetched, without asking the controller (metrics labels)."""
+        return self._models
+
     async def models(self, refresh: bool = False) -> list[str]:
         """The controller's model names, sorted; cached for model_list_ttl seconds."""
         if refresh or self.clock() - self._models_fetched_at > self.model_list_ttl:

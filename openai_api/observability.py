@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+from openai_api.backend import get_backend
 from openai_api.context import RequestContext
+from openai_api.errors import OpenAIError
 from openai_api.insiders import is_insider
 
 access_logger = logging.getLogger("gateway.access")
@@ -45,9 +48,76 @@ STREAMS_IN_FLIGHT = Gauge("gateway_streams_in_flight", "Streaming responses curr
                           multiprocess_mode="livesum")
 
 
-def endpoint_label(ctx: RequestContext) -> str:
-    # Paths with a model in them (/v1/engines/{model}/embeddings) would explode the label set.
-    return "/v1/engines/embeddings" if ctx.endpoint.startswith("/v1/engines/") else ctx.endpoint
+# Label values come from closed sets, whatever clients send: every new value is a new series
+# (about 40 per model, with the histograms' buckets) kept until the process ends, and with
+# PROMETHEUS_MULTIPROC_DIR on tmpfs that is host memory.
+OTHER = "other"
+# Error codes the gateway sets without an error class of its own (the classes' codes are added).
+ERROR_CODES = frozenset({
+    "missing_api_key", "revoked_api_key", "expired_api_key", "model_not_allowed", "invalid_value",
+    "unsupported_parameter", "unknown_url", "worker_unreachable", "controller_unreachable",
+    "worker_out_of_memory", "server_shutting_down", "stream_error", "client_disconnected",
+})
+
+
+@functools.lru_cache(maxsize=512)
+def endpoint_label(path: str) -> str:
+    """The route a path matched, as its template ("/v1/engines/{model}/embeddings"); "other"
+    for a path no route matches."""
+    for route, label in route_labels():
+        if route.match(path[1:]):
+            return label
+    return OTHER
+
+
+@functools.cache
+def route_labels() -> tuple[tuple[Any, str], ...]:
+    from django.conf import settings as django_settings
+    from django.urls import get_resolver
+
+    def template(route: str) -> str:
+        return "/" + re.sub(r"<(?:\w+:)?(\w+)>", lambda m: "{model}" if "model" in m[1] else f"{{{m[1]}}}", route)
+
+    return tuple((pattern.pattern.regex, template(str(pattern.pattern)))
+                 for pattern in get_resolver(django_settings.API_URLCONF).url_patterns)
+
+
+_known_models: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def model_label(ctx: RequestContext) -> str:
+    """The request's model if the backend lists it or its key names it, else "other"."""
+    model = ctx.model
+    if not model:
+        return ""
+    if model in listed_models() or (ctx.key is not None and model in ctx.key.allowed_models):
+        return model
+    return OTHER
+
+
+def listed_models() -> frozenset[str]:
+    """The backend's model list as last fetched (no controller call), as a set, remade only
+    when the backend fetched a new list."""
+    global _known_models
+    models = get_backend().known_models
+    if models is not _known_models[0]:
+        _known_models = (models, frozenset(models))
+    return _known_models[1]
+
+
+@functools.cache
+def error_codes() -> frozenset[str]:
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))]
+
+    return ERROR_CODES | {cls.code for cls in subclasses(OpenAIError) if cls.code}
+
+
+def error_label(ctx: RequestContext) -> str:
+    code = ctx.error_code
+    if not code:
+        return str(ctx.status)  # a status is a closed set too
+    return code if code in error_codes() else OTHER
 
 
 def stream_started(ctx: RequestContext) -> None:
@@ -75,16 +145,22 @@ def series(endpoint: str, model: str, status: int) -> Series:
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1024)
+def error_series(endpoint: str, model: str, code: str, upstream: bool) -> tuple[Any, Any]:
+    return ERRORS.labels(endpoint, code), UPSTREAM_ERRORS.labels(model, code) if upstream else None
+
+
 def observe(ctx: RequestContext) -> None:
     """Count the finished request in the metrics and write its access-log line."""
-    endpoint = endpoint_label(ctx)
-    metrics = series(endpoint, ctx.model, ctx.status)
+    endpoint, model = endpoint_label(ctx.endpoint), model_label(ctx)
+    metrics = series(endpoint, model, ctx.status)
     metrics.requests.inc()
     metrics.latency.observe(ctx.latency_ms / 1000)
     if ctx.status >= 400:
-        ERRORS.labels(endpoint, ctx.error_code or str(ctx.status)).inc()
-        if ctx.status in (502, 503, 504):
-            UPSTREAM_ERRORS.labels(ctx.model, ctx.error_code or str(ctx.status)).inc()
+        errors, upstream_errors = error_series(endpoint, model, error_label(ctx), ctx.status in (502, 503, 504))
+        errors.inc()
+        if upstream_errors is not None:
+            upstream_errors.inc()
     if ctx.ttft_ms is not None and ctx.status < 400:
         metrics.time_to_first_token.observe(ctx.ttft_ms / 1000)
     if ctx.prompt_tokens:
