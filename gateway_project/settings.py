@@ -189,6 +189,13 @@ FASTCHAT_WORKER_API_TIMEOUT = env_float("FASTCHAT_WORKER_API_TIMEOUT", 100)
 FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE = env_int("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE", 4)
 # Controller calls are small and fast; a controller that does not answer is down.
 FASTCHAT_CONTROLLER_TIMEOUT = env_float("FASTCHAT_CONTROLLER_TIMEOUT", 10)
+# Overall bound on one upstream call, a whole generation stream included, however steadily the
+# upstream trickles bytes (the timeouts above bound silence only).
+GATEWAY_UPSTREAM_DEADLINE = env_float("GATEWAY_UPSTREAM_DEADLINE", 900)
+# Largest upstream answer body, and largest single stream chunk, read (bigger: 502).
+GATEWAY_UPSTREAM_MAX_BYTES = env_int("GATEWAY_UPSTREAM_MAX_BYTES", 64 * 1024 * 1024)
+# Hosts a worker address handed out by the controller may name (empty: any host).
+GATEWAY_WORKER_ALLOWED_HOSTS = env_list("GATEWAY_WORKER_ALLOWED_HOSTS", [])
 # How long the controller's model list is trusted before it is asked again.
 GATEWAY_MODEL_LIST_TTL = env_float("GATEWAY_MODEL_LIST_TTL", 5)
 # Seconds a model's worker addresses (several answers of the controller) are reused before the

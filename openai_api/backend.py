@@ -1,7 +1,8 @@
 """The gateway's view of FastChat: cached model list, templates and context lengths.
 
 Per request the gateway asks the controller for a worker address (keeping the controller's
-load balancing), and only then the worker for a token count and a generation (SPEC.md 2).
+load balancing), and only then the worker for a token count and a generation
+(docs/fastchat-protocol.md, "Calls per request").
 Everything else is cached here, per process.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from django.conf import settings
 
 from openai_api.client import FastChatClient, WorkerStream, WorkerUnreachableError
 from openai_api.conversation import Template
-from openai_api.errors import UpstreamUnavailableError
+from openai_api.errors import UpstreamError, UpstreamUnavailableError
 from openai_api.single_flight import SingleFlight
 
 T = TypeVar("T")
@@ -80,7 +81,11 @@ class Backend:
 
     async def template(self, address: str, model: str) -> Template:
         async def fetch() -> Template:
-            return Template.from_worker(await self.client.conv_template(address, model))
+            conv = await self.client.conv_template(address, model)
+            try:
+                return Template.from_worker(conv)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise UpstreamError("The worker sent an invalid conversation template.") from None
 
         return await self._worker_fact(self._templates, address, model, fetch)
 

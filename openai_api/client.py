@@ -1,4 +1,4 @@
-"""The FastChat controller/worker client (FASTCHAT_REFERENCE.md sections 15-16).
+"""The FastChat controller/worker client (the wire protocol: docs/fastchat-protocol.md).
 
 Every method either returns parsed data or raises one of the gateway's upstream errors:
 WorkerUnreachableError (connection refused or dropped before an answer: ask the controller
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -19,12 +21,16 @@ import orjson
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
+from openai_api.counts import token_count
 from openai_api.errors import (
+    InvalidWorkerAddressError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
     worker_error,
 )
+
+logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway")]
 
@@ -72,18 +78,19 @@ def parsed_url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
-async def post(url: str, content: bytes, timeout: Timeouts) -> httpx.Response:
+async def post(url: str, content: bytes, timeout: Timeouts, who: str) -> httpx.Response:
     """POST and return the response with its body still unread (the caller closes it)."""
     request = httpx.Request("POST", parsed_url(url), content=content, headers=JSON_HEADERS,
                             extensions={"timeout": timeout})
     try:
         return await get_transport().handle_async_request(request)
     except httpx.HTTPError as exc:
-        raise translate_transport_error(exc, url) from exc
+        raise translate_transport_error(exc, url, who) from exc
 
 
-def translate_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamUnavailableError | UpstreamTimeoutError:
-    """Map a transport failure to a gateway error.
+def translate_transport_error(exc: httpx.HTTPError, url: str, who: str) -> UpstreamUnavailableError | UpstreamTimeoutError:
+    """Map a transport failure to a gateway error (`who`: "worker" or "controller"; the URL is
+    kept on the error for the logs, never put in its message).
 
     httpx-aiohttp maps aiohttp's errors coarsely (a refused connection becomes ConnectTimeout),
     so the original aiohttp error, kept as __cause__, decides first.
@@ -92,17 +99,50 @@ def translate_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamUnavail
     if isinstance(cause, aiohttp.ServerTimeoutError) or (
         cause is None and isinstance(exc, httpx.TimeoutException)
     ):
-        return UpstreamTimeoutError(f"{url} did not answer within the timeout.")
-    return WorkerUnreachableError(f"Could not reach {url}: {type(cause or exc).__name__}.")
+        return UpstreamTimeoutError(f"The {who} did not answer within the timeout.", upstream_url=url)
+    return WorkerUnreachableError(f"Could not reach the {who} ({type(cause or exc).__name__}).", upstream_url=url)
+
+
+def overdue(who: str, url: str) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(f"The {who} did not finish within GATEWAY_UPSTREAM_DEADLINE.", upstream_url=url)
+
+
+def too_large(what: str, limit: int, url: str) -> UpstreamError:
+    return UpstreamError(f"The {what} exceeded GATEWAY_UPSTREAM_MAX_BYTES ({limit} bytes).", upstream_url=url)
+
+
+@functools.lru_cache(maxsize=256)
+def checked_worker_address(address: str, allowed_hosts: frozenset[str]) -> str | None:
+    """`address` without a trailing slash if the gateway may call it: scheme http or https, and a
+    host in `allowed_hosts` (host or host:port) unless that is empty. None otherwise."""
+    try:
+        url = httpx.URL(address)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    if url.scheme not in ("http", "https") or not url.host:
+        return None
+    if allowed_hosts and url.host not in allowed_hosts and f"{url.host}:{url.port}" not in allowed_hosts:
+        return None
+    return address.rstrip("/")
 
 
 class FastChatClient:
-    """Talks to one FastChat controller and the workers it hands out."""
+    """Talks to one FastChat controller and the workers it hands out.
 
-    def __init__(self, controller_address: str, worker_timeout: float, controller_timeout: float):
+    Every call has an overall deadline (`deadline` seconds, however steadily the upstream trickles
+    bytes) besides the silence timeouts, and reads at most `max_bytes` of an answer body or of one
+    stream chunk. What an upstream sends is checked before it is returned: garbage is a 502.
+    """
+
+    def __init__(self, controller_address: str, worker_timeout: float, controller_timeout: float, *,
+                 deadline: float = 900.0, max_bytes: int = 64 * 1024 * 1024,
+                 allowed_worker_hosts: Iterable[str] = ()):
         self.controller_address = controller_address
         self.worker_timeout: Timeouts = httpx.Timeout(worker_timeout).as_dict()
         self.controller_timeout: Timeouts = httpx.Timeout(controller_timeout).as_dict()
+        self.deadline = deadline
+        self.max_bytes = max_bytes
+        self.allowed_worker_hosts = frozenset(host.lower() for host in allowed_worker_hosts)
 
     @classmethod
     def from_settings(cls) -> FastChatClient:
@@ -110,21 +150,32 @@ class FastChatClient:
             settings.CONTROLLER_ADDRESS,
             settings.FASTCHAT_WORKER_API_TIMEOUT,
             settings.FASTCHAT_CONTROLLER_TIMEOUT,
+            deadline=settings.GATEWAY_UPSTREAM_DEADLINE,
+            max_bytes=settings.GATEWAY_UPSTREAM_MAX_BYTES,
+            allowed_worker_hosts=settings.GATEWAY_WORKER_ALLOWED_HOSTS,
         )
 
     # Controller
 
     async def list_models(self) -> list[str]:
         data = await self._controller("/list_models")
-        return list(data["models"])
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list) or not all(isinstance(name, str) for name in models):
+            raise UpstreamError("The controller answered with an invalid model list.")
+        return models
 
     async def get_worker_address(self, model: str) -> str:
-        """The address of a worker serving `model`; raises UpstreamUnavailableError if none."""
+        """The address of a worker serving `model`; raises UpstreamUnavailableError if none,
+        InvalidWorkerAddressError if the gateway may not call the one handed out."""
         data = await self._controller("/get_worker_address", {"model": model})
         address = data.get("address") if isinstance(data, dict) else None
-        if not address:
+        if address == "":
             raise UpstreamUnavailableError(f"No worker is available for model {model!r}. Please retry later.")
-        return address.rstrip("/")
+        checked = checked_worker_address(address, self.allowed_worker_hosts) if isinstance(address, str) else None
+        if checked is None:
+            logger.warning("The controller handed out a worker address that is refused: %r", address)
+            raise InvalidWorkerAddressError(upstream_url=str(address))
+        return checked
 
     async def ping_controller(self) -> None:
         await self._controller("/list_models")
@@ -133,101 +184,179 @@ class FastChatClient:
 
     async def model_details(self, address: str, model: str) -> int:
         data = await self._worker(address, "/model_details", {"model": model})
-        return int(data["context_length"])
+        length = token_count(data.get("context_length")) if isinstance(data, dict) else None
+        if not length:
+            raise UpstreamError("The worker reported an invalid context length.", upstream_url=address)
+        return length
 
     async def count_tokens(self, address: str, model: str, prompt: str) -> int:
         data = await self._worker(address, "/count_token", {"model": model, "prompt": prompt})
         check_worker_error(data)
-        return int(data["count"])
+        count = token_count(data.get("count"))
+        if count is None:
+            raise UpstreamError("The worker reported an invalid token count.", upstream_url=address)
+        return count
 
     async def conv_template(self, address: str, model: str) -> dict[str, Any]:
         data = await self._worker(address, "/worker_get_conv_template", {"model": model})
-        return data["conv"]
-
-    async def generate(self, address: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The worker's final chunk; raises if it reports an error."""
-        data = await self._worker(address, "/worker_generate", params)
-        check_worker_error(data)
-        return data
+        conv = data.get("conv") if isinstance(data, dict) else None
+        if not isinstance(conv, dict):
+            raise UpstreamError("The worker sent an invalid conversation template.", upstream_url=address)
+        return conv
 
     async def embeddings(self, address: str, params: dict[str, Any]) -> dict[str, Any]:
         data = await self._worker(address, "/worker_get_embeddings", params)
         check_worker_error(data)
+        if not isinstance(data.get("embedding"), list) or token_count(data.get("token_num", 0)) is None:
+            raise UpstreamError("The worker answered with invalid embeddings.", upstream_url=address)
         return data
 
     async def open_stream(self, address: str, params: dict[str, Any]) -> WorkerStream:
-        """Send a generate_stream request and wait for the worker's response headers."""
+        """Send a generate_stream request and wait for the worker's response headers. Non-streamed
+        requests use it too: closing the stream is what stops a worker's generation."""
         url = address + "/worker_generate_stream"
-        response = await post(url, orjson.dumps(params), self.worker_timeout)
+        deadline = time.monotonic() + self.deadline
+        response = await post(url, orjson.dumps(params), self.worker_timeout, "worker")
         if response.status_code != 200:
             await response.aclose()
-            raise UpstreamError(f"The worker answered HTTP {response.status_code} {response.reason_phrase}.")
-        return WorkerStream(response, url)
+            raise UpstreamError(f"The worker answered HTTP {response.status_code}.", upstream_url=url)
+        return WorkerStream(response, url, deadline, self.max_bytes)
 
     # Plumbing
 
     async def _controller(self, path: str, payload: dict | None = None) -> Any:
         url = self.controller_address + path
         try:
-            return await self._post(url, payload, self.controller_timeout)
+            return await self._post(url, payload, self.controller_timeout, "controller")
         except WorkerUnreachableError as exc:
             raise UpstreamUnavailableError(
-                f"The FastChat controller at {self.controller_address} cannot be reached.",
-                code="controller_unreachable",
+                "The FastChat controller cannot be reached.", code="controller_unreachable", upstream_url=url,
             ) from exc
 
     async def _worker(self, address: str, path: str, payload: dict) -> Any:
-        return await self._post(address + path, payload, self.worker_timeout)
+        return await self._post(address + path, payload, self.worker_timeout, "worker")
 
-    async def _post(self, url: str, payload: dict | None, timeout: Timeouts) -> Any:
+    async def _post(self, url: str, payload: dict | None, timeout: Timeouts, who: str) -> Any:
         content = orjson.dumps(payload) if payload is not None else b""
-        response = await post(url, content, timeout)
-        try:
-            body = await response.aread()
-        except httpx.HTTPError as exc:
-            raise translate_transport_error(exc, url) from exc
-        finally:
-            await response.aclose()
+        deadline = time.monotonic() + self.deadline
+        response = await post(url, content, timeout, who)
+        body = await self._read_body(response, url, who, deadline)
         if response.status_code != 200:
-            raise UpstreamError(f"{url} answered HTTP {response.status_code} {response.reason_phrase}.")
+            raise UpstreamError(f"The {who} answered HTTP {response.status_code}.", upstream_url=url)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"{url} answered with invalid JSON.") from None
+            raise UpstreamError(f"The {who} answered with invalid JSON.", upstream_url=url) from None
+
+    async def _read_body(self, response: httpx.Response, url: str, who: str, deadline: float) -> bytes:
+        """The whole body, within the deadline and the size cap; the response is closed."""
+        parts, size = [], 0
+        try:
+            async for data in response.aiter_bytes():
+                size += len(data)
+                if size > self.max_bytes:
+                    raise too_large(f"{who}'s answer", self.max_bytes, url)
+                if time.monotonic() > deadline:
+                    raise overdue(who, url)
+                parts.append(data)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, url, who) from exc
+        finally:
+            await response.aclose()
+        return b"".join(parts)
 
 
 def check_worker_error(data: Any) -> None:
+    """Raise the gateway error for an error chunk (or a body that is not a JSON object)."""
     if not isinstance(data, dict):
         raise UpstreamError("The worker answered with an unexpected body.")
     error_code = data.get("error_code", 0)
     if error_code:
-        raise worker_error(str(data.get("text", "")), int(error_code))
+        raise worker_error(data.get("text"), error_code)
 
 
 class WorkerStream:
-    """A worker's NUL-delimited stream of cumulative-text chunks."""
+    """A worker's NUL-delimited stream of cumulative-text chunks.
 
-    def __init__(self, response: httpx.Response, url: str):
+    Each network read is checked against the call's deadline; a chunk may not grow beyond
+    max_bytes before its NUL arrives. `usage` is the latest usage the worker reported, unchecked
+    (see counts.py); reported_usage() also covers a stream read with last_chunk().
+    """
+
+    def __init__(self, response: httpx.Response, url: str, deadline: float, max_bytes: int):
         self.response = response
         self.url = url
+        self.deadline = deadline
+        self.max_bytes = max_bytes
+        self.usage: Any = None
+        self._latest_raw: bytes | None = None
+        self._previous_raw: bytes | None = None
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Yield each parsed chunk; the worker's error chunks are yielded, not raised."""
-        buffer = b""
+        return self._chunks(parse=True)
+
+    async def last_chunk(self) -> dict[str, Any]:
+        """Read the stream to its end and return its last chunk, the worker's answer (the error
+        chunk if it failed). Only that chunk is parsed: the others repeat its text in part."""
+        async for raw in self._chunks(parse=False):
+            self._previous_raw, self._latest_raw = self._latest_raw, raw
+        if self._latest_raw is None:
+            raise UpstreamError("The worker closed the stream without sending anything.", upstream_url=self.url)
+        chunk = parse_chunk(self._latest_raw)
+        self._latest_raw = None
+        usage = chunk.get("usage")
+        if usage:
+            self.usage, self._previous_raw = usage, None
+        return chunk
+
+    def reported_usage(self) -> Any:
+        """The latest usage the worker reported, unchecked; None if it reported none."""
+        for raw in (self._latest_raw, self._previous_raw):  # left by last_chunk(), newest first
+            if raw is not None:
+                try:
+                    chunk = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(chunk, dict) and chunk.get("usage"):
+                    return chunk["usage"]
+        return self.usage
+
+    async def _chunks(self, parse: bool) -> AsyncIterator[Any]:
+        pending: list[bytes] = []  # the pieces of a chunk whose NUL has not arrived yet
+        pending_size = 0
         try:
             async for data in self.response.aiter_raw():
-                buffer += data
-                *complete, buffer = buffer.split(b"\0")
-                for raw in complete:
-                    if raw.strip():
-                        yield parse_chunk(raw)
+                if time.monotonic() > self.deadline:
+                    raise overdue("worker", self.url)
+                *complete, rest = data.split(b"\0")
+                if complete:
+                    if pending:
+                        pending.append(complete[0])
+                        complete[0], pending, pending_size = b"".join(pending), [], 0
+                    for raw in complete:
+                        if raw.strip():
+                            yield self._parse(raw) if parse else raw
+                if rest:
+                    pending.append(rest)
+                    pending_size += len(rest)
+                    if pending_size > self.max_bytes:
+                        raise too_large("worker's stream chunk", self.max_bytes, self.url)
         except httpx.HTTPError as exc:
-            error = translate_transport_error(exc, self.url)
+            error = translate_transport_error(exc, self.url, "worker")
             if isinstance(error, WorkerUnreachableError):
-                error = UpstreamError("The worker closed the stream before it finished.")
+                error = UpstreamError("The worker closed the stream before it finished.", upstream_url=self.url)
             raise error from exc
-        if buffer.strip():
-            yield parse_chunk(buffer)
+        raw = b"".join(pending)
+        if raw.strip():
+            yield self._parse(raw) if parse else raw
+
+    def _parse(self, raw: bytes) -> dict[str, Any]:
+        chunk = parse_chunk(raw)
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        return chunk
 
     async def aclose(self) -> None:
         await self.response.aclose()

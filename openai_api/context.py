@@ -1,10 +1,17 @@
 """Per-request bookkeeping that outlives the view: who asked, what it cost, how it ended."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from openai_api.counts import token_count
+
+logger = logging.getLogger(__name__)
+
+Hook = Callable[["RequestContext"], None]
 
 
 @dataclass
@@ -23,16 +30,22 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     lease: Any = None
+    # Gives the key's limit lease back (accounting.admit sets it): runs before every other hook,
+    # so that nothing another hook does can keep a parallel slot taken.
+    release_lease: Hook | None = None
+    # The controller or worker address of an upstream failure, for the access log only.
+    upstream_url: str = ""
     finished: bool = False
-    on_finish: list[Callable[[RequestContext], None]] = field(default_factory=list)
+    on_finish: list[Hook] = field(default_factory=list)
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
-    def add_usage(self, usage: dict[str, int]) -> None:
-        self.prompt_tokens = usage.get("prompt_tokens", 0)
-        self.completion_tokens = usage.get("completion_tokens", 0)
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        """Record the request's tokens; a count that is not a plausible token count is 0."""
+        self.prompt_tokens = token_count(usage.get("prompt_tokens", 0)) or 0
+        self.completion_tokens = token_count(usage.get("completion_tokens", 0)) or 0
 
     @property
     def latency_ms(self) -> int:
@@ -45,7 +58,8 @@ class RequestContext:
         return int((self.first_token_at - self.started) * 1000)
 
     def finish(self, status: int | None = None, error_code: str | None = None) -> None:
-        """Run the finish hooks exactly once (usage records, limit releases)."""
+        """Run the finish hooks exactly once: the lease release first, then usage, metrics and
+        the access log. Each hook runs even if another raised (its failure is logged)."""
         if self.finished:
             return
         self.finished = True
@@ -53,5 +67,13 @@ class RequestContext:
             self.status = status
         if error_code is not None:
             self.error_code = error_code
+        if self.release_lease is not None:
+            self._run(self.release_lease)
         for hook in self.on_finish:
+            self._run(hook)
+
+    def _run(self, hook: Hook) -> None:
+        try:
             hook(self)
+        except Exception:
+            logger.exception("Finish hook %s failed (request %s)", getattr(hook, "__qualname__", hook), self.request_id)

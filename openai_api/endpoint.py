@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -56,6 +56,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
             except OpenAIError as exc:
                 response = error_response(exc)
                 ctx.error_code = exc.code or ""
+                ctx.upstream_url = exc.upstream_url
             except Exception:
                 logger.exception("Unhandled error in %s (request %s)", request.path, ctx.request_id)
                 response = error_response(OpenAIError())
@@ -85,22 +86,3 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
     if isinstance(model, str):
         request.ctx.model = model  # so even a refused request's usage row names its model
     return body
-
-
-async def started(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Run a stream up to its first event before the response is returned.
-
-    A started async generator is finalised (its `finally` runs) even if the client goes away
-    before Django iterates it; an unstarted one would silently leak its upstream streams.
-    """
-    first = await anext(events)
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-    return relay()

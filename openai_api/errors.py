@@ -1,7 +1,7 @@
 """OpenAI-style errors: the one place that knows statuses, types and FastChat error codes.
 
 Every error the gateway returns has OpenAI's shape (what openai-python parses) plus FastChat's
-top-level fields, so clients written for either keep working (SPEC.md section 4):
+top-level fields, so clients written for either keep working (docs/decisions.md, "Errors and statuses"):
 
     {"error": {"message", "type", "param", "code"}, "object": "error", "message", "code": 40301}
 """
@@ -47,9 +47,12 @@ class OpenAIError(Exception):
         code: str | None = None,
         fastchat_code: int | None = None,
         headers: dict[str, str] | None = None,
+        upstream_url: str = "",
     ) -> None:
         self.message = message if message is not None else self.default_message
         self.param = param
+        # The controller or worker address involved, for logs only: never in a client's answer.
+        self.upstream_url = upstream_url
         if code is not None:
             self.code = code
         if fastchat_code is not None:
@@ -173,6 +176,14 @@ class UpstreamError(OpenAIError):
     default_message = "The model worker failed."
 
 
+class InvalidWorkerAddressError(UpstreamError):
+    """The controller handed out a worker address the gateway will not call (its scheme is not
+    http/https, or its host is not in GATEWAY_WORKER_ALLOWED_HOSTS)."""
+
+    code = "invalid_worker_address"
+    default_message = "The controller handed out a worker address the gateway does not accept."
+
+
 class UpstreamUnavailableError(OpenAIError):
     """No worker serves the model, or the controller or worker cannot be reached."""
 
@@ -206,8 +217,16 @@ def error_body(exc: OpenAIError) -> dict[str, Any]:
     }
 
 
-def worker_error(text: str, error_code: int) -> OpenAIError:
-    """Map an error a worker reported ({"text", "error_code"}) to a gateway error."""
+# A worker's error text is passed on to the client, up to this length.
+MAX_WORKER_ERROR_TEXT = 2000
+
+
+def worker_error(text: Any, error_code: Any) -> OpenAIError:
+    """Map an error a worker reported ({"text", "error_code"}) to a gateway error. Whatever the
+    worker put there, the result is a well-formed error (a 502 unless the code says otherwise)."""
+    text = text[:MAX_WORKER_ERROR_TEXT] if isinstance(text, str) and text else UpstreamError.default_message
+    if type(error_code) is not int or not 10000 <= error_code <= 99999:
+        error_code = ErrorCode.INTERNAL_ERROR
     if error_code == ErrorCode.CUDA_OUT_OF_MEMORY:
         return UpstreamUnavailableError(text, code="worker_out_of_memory", fastchat_code=error_code)
     if error_code == ErrorCode.CONTEXT_OVERFLOW:

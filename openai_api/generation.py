@@ -1,17 +1,17 @@
-"""What chat and completions share: worker parameters, the context check, and worker streams."""
+"""What chat and completions send to a worker and read from it: worker parameters, the context
+check, worker streams, per-choice text deltas and the usage the worker reported."""
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from openai_api.backend import Backend
 from openai_api.client import WorkerStream, check_worker_error
-from openai_api.context import RequestContext
+from openai_api.counts import token_count
 from openai_api.errors import ContextLengthError, UpstreamError
 from openai_api.protocol import Sampling
-from openai_api.streaming import guarded
 
 T = TypeVar("T")
 
@@ -31,12 +31,12 @@ async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str
     context_length = await backend.context_length(address, model)
     if max_tokens is not None and len(prompt.encode()) + max_tokens + SPECIAL_TOKENS_MARGIN <= context_length:
         return max_tokens
-    token_count = await backend.client.count_tokens(address, model, prompt)
-    length = min(max_tokens or UNLIMITED, context_length - token_count)
+    prompt_tokens = await backend.count_tokens(address, model, prompt)
+    length = min(max_tokens or UNLIMITED, context_length - prompt_tokens)
     if length <= 0:
         raise ContextLengthError(
             f"This model's maximum context length is {context_length} tokens. However, your "
-            f"messages resulted in {token_count} tokens. Please reduce the length of the messages.",
+            f"messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
             param=param,
         )
     return length
@@ -46,7 +46,8 @@ def worker_params(model: str, prompt: str, sampling: Sampling, max_new_tokens: i
                   stop_token_ids: list[int] | None, *, echo: bool = False, logprobs: int | None = None,
                   repetition_penalty: float | None = None, **extra: Any) -> dict[str, Any]:
     """The generate payload, in FastChat's key order. Every value the worker reads is sent
-    explicitly: a missing or null one can crash it and leak its slot (FASTCHAT_REFERENCE 22)."""
+    explicitly: a missing or null one can crash it and leak its slot (docs/fastchat-protocol.md,
+    "Worker failure modes")."""
     params = {
         "model": model,
         "prompt": prompt,
@@ -99,12 +100,15 @@ class PrimedStream:
         async for chunk in self.rest:
             yield chunk
 
+    def reported_usage(self) -> Any:
+        return self.stream.reported_usage()
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
 
 async def open_primed_stream(backend: Backend, address: str, params: dict[str, Any]) -> PrimedStream:
-    stream = await backend.client.open_stream(address, params)
+    stream = await backend.open_stream(address, params)
     try:
         rest = stream.chunks()
         first = await anext(rest)
@@ -112,7 +116,7 @@ async def open_primed_stream(backend: Backend, address: str, params: dict[str, A
         return PrimedStream(stream, first, rest)
     except StopAsyncIteration:
         await stream.aclose()
-        raise UpstreamError("The worker closed the stream without sending anything.") from None
+        raise UpstreamError("The worker closed the stream without sending anything.", upstream_url=stream.url) from None
     except BaseException:
         await stream.aclose()
         raise
@@ -130,15 +134,12 @@ class TextDelta:
     previous_tokens: int = 0
     finish_reason: str | None = None
     finish_sent: bool = False
-    usage: dict[str, int] = field(default_factory=dict)
 
     def update(self, chunk: dict[str, Any]) -> str:
         text = chunk.get("text", "").replace("\ufffd", "")
         delta = text[len(self.previous_text):]
         if len(text) > len(self.previous_text):
             self.previous_text = text
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
         if chunk.get("finish_reason") is not None:
             self.finish_reason = chunk["finish_reason"]
         return delta
@@ -148,6 +149,8 @@ class TextDelta:
         ended without one (then "stop")."""
         if self.finish_sent or (self.finish_reason is None and not stream_ended):
             return False
+        if self.finish_reason is not None and not isinstance(self.finish_reason, str):
+            raise UpstreamError("The worker sent an invalid finish_reason.")
         self.finish_reason = self.finish_reason or "stop"
         self.finish_sent = True
         return True
@@ -170,30 +173,29 @@ def usage_block(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def sum_usage(per_prompt: Iterable[list[dict[str, Any]]]) -> dict[str, int]:
-    """Prompt tokens once per prompt (not per choice), completion tokens over every choice."""
+def reported_usage(streams: list[Any], n: int) -> tuple[dict[str, int], bool]:
+    """The usage the workers reported so far for streams in prompt-major order (n per prompt):
+    prompt tokens once per prompt (not per choice), completion tokens over every choice.
+
+    Every count is checked (counts.py); an invalid one counts as 0 and makes the second value
+    False, for the answer to become a 502 (the usage recorded keeps the valid counts).
+    """
+    valid = True
+
+    def count(usage: Any, name: str) -> int:
+        nonlocal valid
+        if usage is None:
+            return 0
+        value = token_count(usage.get(name, 0)) if isinstance(usage, dict) else None
+        if value is None:
+            valid = False
+            return 0
+        return value
+
+    usages = [stream.reported_usage() for stream in streams]
     prompt_tokens = completion_tokens = 0
-    for choices in per_prompt:
-        usages = [choice.get("usage") or {} for choice in choices]
-        prompt_tokens += max((usage.get("prompt_tokens", 0) for usage in usages), default=0)
-        completion_tokens += sum(usage.get("completion_tokens", 0) for usage in usages)
-    return usage_block(prompt_tokens, completion_tokens)
-
-
-def streamed_usage(states: list[TextDelta], n: int) -> dict[str, int]:
-    """Usage so far of streams in prompt-major order (n choices per prompt)."""
-    per_choice = [{"usage": state.usage} for state in states]
-    return sum_usage(per_choice[i:i + n] for i in range(0, len(per_choice), n))
-
-
-def finish_stream(events: AsyncIterator[bytes], streams: list[PrimedStream], states: list[TextDelta], n: int,
-                  ctx: RequestContext) -> AsyncIterator[bytes]:
-    """Wrap a stream's events (streaming.guarded): when it ends, however it ends, record the
-    tokens produced so far, close the worker streams and finish the request."""
-
-    async def on_end(status: int, error_code: str) -> None:
-        ctx.add_usage(streamed_usage(states, n))
-        await close_all(streams)
-        ctx.finish(status, error_code)
-
-    return guarded(events, on_end, streams)
+    for start in range(0, len(usages), n):
+        group = usages[start:start + n]
+        prompt_tokens += max(count(usage, "prompt_tokens") for usage in group)
+        completion_tokens += sum(count(usage, "completion_tokens") for usage in group)
+    return usage_block(prompt_tokens, completion_tokens), valid

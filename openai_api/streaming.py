@@ -1,4 +1,4 @@
-"""Server-sent events: framing, the streaming response, and merging concurrent choice streams.
+"""Server-sent events: framing, the streaming response and its end, merging concurrent choice streams.
 
 Contract of every event generator here: once the 200 status is sent, a failure becomes one
 `data: {"error": ...}` event followed by `data: [DONE]`. If the client disconnects, Django
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from django.http import StreamingHttpResponse
 
+from openai_api.context import RequestContext
 from openai_api.errors import OpenAIError, UpstreamError, UpstreamUnavailableError, error_body
 from openai_api.lifecycle import ActiveStream, active_streams
+from openai_api.observability import stream_started
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +127,38 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
         await events.aclose()
         await on_end(status, error_code)
     yield SSE_DONE
+
+
+async def stream_response(events: AsyncIterator[bytes], upstreams: list[Any], ctx: RequestContext,
+                          usage: Callable[[], dict[str, int]]) -> StreamingHttpResponse:
+    """The one owner of a streamed request's end: the SSE response for `events`, read from
+    `upstreams` (objects with an aclose(), e.g. worker streams).
+
+    It counts the stream in flight, guards it (see guarded: an error becomes one event, then
+    `[DONE]`; a shutdown may interrupt it), and runs it up to its first event before returning:
+    a started generator is finalised even if the client goes away before the server iterates
+    it, an unstarted one would leak its upstreams. However the stream ends, the tokens produced
+    so far (`usage()`) are recorded, the upstreams closed and the request finished.
+    """
+    stream_started(ctx)
+
+    async def on_end(status: int, error_code: str) -> None:
+        try:
+            ctx.add_usage(usage())
+        except Exception:
+            logger.exception("Usage of stream %s could not be read", ctx.request_id)
+        await asyncio.gather(*(upstream.aclose() for upstream in upstreams), return_exceptions=True)
+        ctx.finish(status, error_code)
+
+    guarded_events = guarded(events, on_end, upstreams)
+    first = await anext(guarded_events)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for event in guarded_events:
+                yield event
+        finally:
+            await guarded_events.aclose()
+
+    return sse_response(relay())

@@ -11,12 +11,10 @@ from openai_api import embeddings as embeddings_api
 from openai_api.accounting import admit
 from openai_api.auth import require_model_access
 from openai_api.backend import Backend, get_backend
-from openai_api.endpoint import api_endpoint, json_response, read_json, started
+from openai_api.endpoint import api_endpoint, json_response, read_json
 from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
 from openai_api.ids import random_id
 from openai_api.insiders import is_insider
-from openai_api.observability import stream_started
-from openai_api.streaming import sse_response
 from openai_api.tokens import as_texts
 
 
@@ -66,12 +64,7 @@ async def chat_response(request: HttpRequest, fastchat_extras: bool) -> HttpResp
     body = protocol.parse_chat(read_json(request), fastchat_extras=fastchat_extras)
     backend = get_backend()
     await admit_model(request, backend, body.model)
-    request.ctx.streamed = body.sampling.stream
-    if body.sampling.stream:
-        streams = await chat.open_chat_streams(backend, body)
-        stream_started(request.ctx)
-        return sse_response(await started(chat.chat_completion_events(body, streams, request.ctx)))
-    return json_response(await chat.create_chat_completion(backend, body, request.ctx))
+    return await chat.respond(backend, body, request.ctx)
 
 
 @api_endpoint("POST")
@@ -91,12 +84,7 @@ async def completions_view(request: HttpRequest) -> HttpResponse:
     backend = get_backend()
     await admit_model(request, backend, body.model)
     prompts = await as_texts(body.model, body.prompts, "prompt")
-    request.ctx.streamed = body.sampling.stream
-    if body.sampling.stream:
-        streams = await completions.open_completion_streams(backend, body, prompts)
-        stream_started(request.ctx)
-        return sse_response(await started(completions.completion_events(body, streams, request.ctx)))
-    return json_response(await completions.create_completion(backend, body, prompts, request.ctx))
+    return await completions.respond(backend, body, prompts, request.ctx)
 
 
 @api_endpoint("POST")

@@ -31,7 +31,7 @@ class ChatCompletionTests(GatewayTestCase):
         await self.post(URL, chat(messages=[{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hi there"},
                                             {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "again"}],
                                   max_tokens=10, stop="END"))
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         self.assertEqual(params["prompt"], "SYS USER: Hi there ASSISTANT: Yo</s>USER: again ASSISTANT:")
         self.assertEqual(list(params), ["model", "prompt", "temperature", "logprobs", "top_p", "top_k", "presence_penalty",
                                         "frequency_penalty", "max_new_tokens", "echo", "stop_token_ids", "stop"])
@@ -45,12 +45,12 @@ class ChatCompletionTests(GatewayTestCase):
         response = await self.post(URL, chat(max_tokens=5))
         self.assertEqual(response.status_code, 200)
         self.assertLessEqual(len(self.fake.calls), 3, self.fake.paths())
-        self.assertEqual(self.fake.paths(), ["/get_worker_address", "/worker_generate"])
+        self.assertEqual(self.fake.paths(), ["/get_worker_address", "/worker_generate_stream"])
 
     async def test_it_counts_tokens_when_max_tokens_is_missing(self):
         self.fake.context_length = 64
         await self.post(URL, chat())
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         prompt_tokens = len(params["prompt"].split()) + 1
         self.assertEqual(params["max_new_tokens"], 64 - prompt_tokens)
 
@@ -81,13 +81,13 @@ class WorkerAddressPoolTests(GatewayTestCase):
         self.fake.calls.clear()
         response = await self.post(URL, chat(max_tokens=5))
         self.assertEqual(response.status_code, 200)
-        self.assertEqual(self.fake.paths(), ["/worker_generate"])
+        self.assertEqual(self.fake.paths(), ["/worker_generate_stream"])
 
     async def test_the_pool_spreads_requests_over_the_workers_the_controller_hands_out(self):
         self.fake.workers = ["http://worker-a.test", "http://worker-b.test"]
         for _ in range(10):
             self.assertEqual((await self.post(URL, chat(max_tokens=5))).status_code, 200)
-        generations = [worker for worker, path in self.fake.worker_hits if path == "/worker_generate"]
+        generations = [worker for worker, path in self.fake.worker_hits if path == "/worker_generate_stream"]
         self.assertEqual(len(generations), 10)
         self.assertEqual(generations.count("http://worker-a.test"), 5)
         self.assertEqual(self.fake.paths().count("/get_worker_address"), 3)  # one renewal of the pool
@@ -107,5 +107,5 @@ class WorkerAddressPoolTests(GatewayTestCase):
         self.fake.dead_workers = {"http://worker-a.test"}
         for _ in range(4):
             self.assertEqual((await self.post(URL, chat(max_tokens=5))).status_code, 200)
-        served = [worker for worker, path in self.fake.worker_hits[-8:] if path == "/worker_generate"]
+        served = [worker for worker, path in self.fake.worker_hits[-8:] if path == "/worker_generate_stream"]
         self.assertIn("http://worker-b.test", served)

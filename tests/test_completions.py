@@ -18,7 +18,7 @@ class CompletionTests(GatewayTestCase):
         self.assertEqual([c["index"] for c in body["choices"]], [0, 1, 2, 3])
         self.assertEqual(body["choices"][0]["text"], "Hello wörld, how")
         self.assertEqual(body["choices"][0]["finish_reason"], "length")
-        prompts = [p["prompt"] for p in self.fake.payloads("/worker_generate")]
+        prompts = [p["prompt"] for p in self.fake.payloads("/worker_generate_stream")]
         self.assertEqual(prompts, ["One", "One", "Two two", "Two two"])
         # Prompt tokens once per prompt (2 + 3), completion tokens over all four choices.
         self.assertEqual(body["usage"]["prompt_tokens"], 5)
@@ -29,7 +29,7 @@ class CompletionTests(GatewayTestCase):
         body = response.json()
         self.assertTrue(body["choices"][0]["text"].startswith("Once"))
         self.assertEqual(body["choices"][0]["logprobs"]["tokens"][:2], ["Hello", "wörld,"])
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         self.assertIs(params["echo"], True)
         self.assertEqual(params["logprobs"], 1)
         self.assertIs(params["use_beam_search"], False)
@@ -37,12 +37,12 @@ class CompletionTests(GatewayTestCase):
 
     async def test_null_max_tokens_means_16(self):
         await self.post(URL, {"model": "m1", "prompt": "Once", "max_tokens": None})
-        self.assertEqual(self.fake.payloads("/worker_generate")[0]["max_new_tokens"], 16)
+        self.assertEqual(self.fake.payloads("/worker_generate_stream")[0]["max_new_tokens"], 16)
 
     async def test_it_lowers_max_tokens_to_what_the_context_leaves(self):
         self.fake.context_length = 10
         await self.post(URL, {"model": "m1", "prompt": ["a b c", "a b c d e f"], "max_tokens": 8})
-        self.assertEqual({p["max_new_tokens"] for p in self.fake.payloads("/worker_generate")}, {10 - 7})
+        self.assertEqual({p["max_new_tokens"] for p in self.fake.payloads("/worker_generate_stream")}, {10 - 7})
 
     async def test_it_rejects_a_prompt_that_overflows_the_context(self):
         self.fake.context_length = 4
@@ -63,7 +63,7 @@ class CompletionTests(GatewayTestCase):
         with mock.patch("openai_api.tokens.load_encoding", return_value=encoding):
             response = await self.post(URL, {"model": "m1", "prompt": [[1, 2], [3]]})
         self.assertEqual(response.status_code, 200, response.content)
-        self.assertEqual([p["prompt"] for p in self.fake.payloads("/worker_generate")], ["decoded 1,2", "decoded 3"])
+        self.assertEqual([p["prompt"] for p in self.fake.payloads("/worker_generate_stream")], ["decoded 1,2", "decoded 3"])
 
     async def test_it_streams_with_unique_indices_across_prompts(self):
         response = await self.post(URL, {"model": "m1", "prompt": ["A", "B"], "n": 2, "stream": True,

@@ -104,7 +104,7 @@ class FastChatExtrasTests(GatewayTestCase):
     async def test_api_chat_passes_repetition_penalty(self):
         response = await self.post("/api/v1/chat/completions", {**BODY, "repetition_penalty": 1.2, "top_k": 5})
         self.assertEqual(response.status_code, 200, response.content)
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         self.assertEqual(list(params)[-2:], ["stop", "repetition_penalty"])
         self.assertEqual((params["repetition_penalty"], params["top_k"]), (1.2, 5))
 

@@ -49,7 +49,7 @@ class ValidationTests(GatewayTestCase):
             with self.subTest(fields=fields):
                 body = self.assertError(await self.post(CHAT, chat(**fields)), 400, param=param, code=40302)
                 self.assertEqual(body["message"], message)
-        self.assertEqual(self.fake.payloads("/worker_generate"), [])
+        self.assertEqual(self.fake.payloads("/worker_generate_stream"), [])
 
     async def test_it_refuses_unknown_and_tool_roles(self):
         for role, status in (("tool", 400), ("function", 400), ("wizard", 400)):
@@ -93,7 +93,7 @@ class ValidationTests(GatewayTestCase):
         image = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
         response = await self.post(CHAT, chat(messages=[{"role": "user", "content": image}]))
         self.assertEqual(response.status_code, 200, response.content)
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         self.assertEqual(params["images"], ["data:image/png;base64,AAAA"])
         self.assertIn("USER: $$<image>$$What? ASSISTANT:", params["prompt"])
 
@@ -114,16 +114,16 @@ class ValidationTests(GatewayTestCase):
     async def test_it_ignores_unknown_fields_and_passes_seed(self):
         response = await self.post(CHAT, chat(seed=7, logit_bias={"1": 2}, parallel_tool_calls=False, user="u1"))
         self.assertEqual(response.status_code, 200, response.content)
-        self.assertEqual(self.fake.payloads("/worker_generate")[0]["seed"], 7)
+        self.assertEqual(self.fake.payloads("/worker_generate_stream")[0]["seed"], 7)
 
     async def test_it_treats_developer_as_system(self):
         await self.post(CHAT, chat(messages=[{"role": "developer", "content": "DEV"}, {"role": "user", "content": "Hi"}]))
-        self.assertEqual(self.fake.payloads("/worker_generate")[0]["prompt"], "DEV USER: Hi ASSISTANT:")
+        self.assertEqual(self.fake.payloads("/worker_generate_stream")[0]["prompt"], "DEV USER: Hi ASSISTANT:")
 
     async def test_it_puts_request_stops_before_template_stops(self):
         self.fake.template = "qwen-7b-chat"
         await self.post(CHAT, chat(stop=["A", "<|im_end|>", "B"]))
-        params = self.fake.payloads("/worker_generate")[0]
+        params = self.fake.payloads("/worker_generate_stream")[0]
         self.assertEqual(params["stop"][:3], ["A", "<|im_end|>", "B"])
         self.assertEqual(len(params["stop"]), len(set(params["stop"])))
 
