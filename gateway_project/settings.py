@@ -269,6 +269,9 @@ LOGGING = {
 # Usage recording (keys/usage.py)
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 0.5)
 USAGE_BATCH_SIZE = env_int("USAGE_BATCH_SIZE", 500)
+# Rows queued per process at most (a minute at 2,000 requests/s, ~300 bytes each); beyond it the
+# oldest are dropped and counted (gateway_usage_rows_dropped_total).
+USAGE_MAX_PENDING = env_int("USAGE_MAX_PENDING", 120_000)
 # Tests write usage on their own thread (the test database lives in one transaction).
 USAGE_WRITER_THREAD = env_bool("USAGE_WRITER_THREAD", "True")
 USAGE_RETENTION_DAYS = env_int("USAGE_RETENTION_DAYS", 90)

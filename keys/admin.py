@@ -15,7 +15,6 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import OuterRef, Subquery, Sum
 from django.http import StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -26,6 +25,7 @@ from django.views.decorators.debug import sensitive_variables
 from keys import dashboard
 from keys.hashing import display_prefix, generate_key, hash_key
 from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.usage_totals import per_key
 
 
 @sensitive_variables("plaintext")
@@ -117,9 +117,7 @@ class APIKeyAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         since = timezone.now().date() - timedelta(days=29)
-        recent = (UsageDaily.objects.filter(key=OuterRef("pk"), day__gte=since)
-                  .values("key").annotate(total=Sum("requests")).values("total"))
-        return super().get_queryset(request).annotate(requests_30d=Subquery(recent))
+        return super().get_queryset(request).annotate(requests_30d=per_key("requests", since))
 
     def has_delete_permission(self, request, obj=None) -> bool:
         """Keys are revoked, not deleted: deleting one would delete its usage history (and

@@ -13,7 +13,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
@@ -25,8 +25,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from keys.hashing import display_prefix, generate_key, hash_key
-from keys.models import APIKey, UsageDaily, UsageRecord
-from keys.usage import start_of_day
+from keys.models import APIKey
+from keys.usage_totals import rollups, summed
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +152,8 @@ def revoke_key(key: APIKey) -> None:
 
 
 def usage_rows(since: date, today: date, keys: QuerySet | None = None) -> list[dict]:
-    """Usage per (key, model, day) from `since` to today: roll-ups for past days, rows for today."""
-    past = UsageDaily.objects.filter(day__gte=since, day__lt=today)
-    recent = UsageRecord.objects.filter(created_at__gte=start_of_day(today))
-    if keys is not None:
-        past, recent = past.filter(key__in=keys), recent.filter(key__in=keys)
-    rows = list(past.values("key_id", "model", "day", *COUNTERS))
-    rows += [
-        {**row, "day": today}
-        for row in recent.values("key_id", "model").order_by().annotate(
-            requests=Count("id"), errors=Count("id", filter=Q(status__gte=400)),
-            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"),
-        )
-    ]
-    return rows
+    """Usage per (key, model, day) from `since` to today, from the daily roll-ups."""
+    return summed(rollups(since=since, until=today, keys=keys), "key_id", "model", "day")
 
 
 def totals(rows: Iterable[dict]) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """The admin dashboard: requests and tokens per day, per key and per model, as inline SVG.
 
-Everything comes from the UsageDaily roll-ups, which keys.usage updates at every flush (today's
-row included), so the page costs a few grouped queries however many usage rows there are, and it
-survives `prune_usage`. Charts are computed here as plain geometry; the template draws them
+Everything comes from the UsageDaily roll-ups (keys/usage_totals.py), which keys.usage updates
+at every flush (today's row included), so the page costs a few grouped queries however many usage
+rows there are, and it survives `prune_usage`. Charts are computed here as plain geometry; the template draws them
 without any JavaScript (the admin may have no internet access, so no chart library from a CDN).
 """
 from __future__ import annotations
@@ -11,18 +11,14 @@ import math
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from django.db.models import Sum
 from django.utils import timezone
 
-from keys.models import UsageDaily
+from keys.usage_totals import COUNTERS as FIELDS
+from keys.usage_totals import rollups, summed
 
 PERIODS = (7, 30, 90)
 DEFAULT_DAYS = 30
 TOP = 10
-FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens")
-# Aliases differ from the field names: Django refuses an annotation named like a field.
-SUMS = {f"{name}_sum": Sum(name) for name in FIELDS}
-TOKENS = Sum("prompt_tokens") + Sum("completion_tokens")
 
 # Chart geometry, in SVG user units (the SVG scales to its container).
 WIDTH, HEIGHT = 720, 220
@@ -73,7 +69,7 @@ def dashboard_context(days: int = DEFAULT_DAYS, today: date | None = None) -> di
     """Everything the dashboard template shows, for the `days` days up to `today` included."""
     today = today or timezone.now().date()
     start = today - timedelta(days=days - 1)
-    rows = UsageDaily.objects.filter(day__gte=start, day__lte=today)
+    rows = rollups(since=start, until=today)
     per_day = per_day_totals(rows, start, days)
     totals = period_totals(per_day)
     key_fields = ("key_id", "key__name", "key__prefix")
@@ -100,17 +96,13 @@ def dashboard_context(days: int = DEFAULT_DAYS, today: date | None = None) -> di
 
 def per_day_totals(rows, start: date, days: int) -> list[dict]:
     """One dict per day, oldest first, zeros for days without traffic."""
-    found = {row["day"]: sums(row) for row in rows.values("day").annotate(**SUMS)}
+    found = {row.pop("day"): row for row in summed(rows, "day")}
     series = []
     for offset in range(days):
         day = start + timedelta(days=offset)
-        row = found.get(day) or dict.fromkeys(FIELDS, 0)
+        row = {name: found[day][name] for name in FIELDS} if day in found else dict.fromkeys(FIELDS, 0)
         series.append({"day": day, **row, "requests_ok": row["requests"] - row["errors"]})
     return series
-
-
-def sums(row: dict) -> dict:
-    return {name: row[f"{name}_sum"] or 0 for name in FIELDS}
 
 
 def period_totals(per_day: list[dict]) -> dict:
@@ -134,9 +126,8 @@ def tiles(totals: dict) -> list[tuple[str, str]]:
 
 def top(rows, group_by: tuple[str, ...], measure: str, label, limit: int = TOP) -> list[tuple[str, int]]:
     """The `limit` biggest groups by requests or tokens, as (label, value)."""
-    grouped = rows.values(*group_by).annotate(requests_sum=Sum("requests"), tokens_sum=TOKENS)
-    ordered = grouped.order_by(f"-{measure}_sum", *group_by)[:limit]
-    return [(label(row), row[f"{measure}_sum"] or 0) for row in ordered]
+    value = "total_tokens" if measure == "tokens" else measure
+    return [(label(row), row[value]) for row in summed(rows, *group_by, order_by=measure, limit=limit)]
 
 
 def key_label(row: dict) -> str:

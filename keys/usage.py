@@ -1,51 +1,56 @@
 """Usage recording: the request path hands over an event; a writer thread stores them in batches.
 
-The request path only appends to a deque (no database, no await), so no request waits on a
-usage write. The writer thread flushes every USAGE_FLUSH_SECONDS or USAGE_BATCH_SIZE events,
-in one transaction: the rows, the daily roll-ups and the keys' last-used times. A failed flush
-keeps its events and retries; the process flushes what is left when it exits.
+The request path only appends to a deque (no database, no await, no lock), so no request waits
+on a usage write. The writer thread flushes every USAGE_FLUSH_SECONDS or USAGE_BATCH_SIZE events,
+a batch per transaction: the rows, the daily roll-ups and the keys' last-used times.
+
+Nothing wedges it (docs/reliability.md):
+- events are bounded to the columns when they are made (keys/usage_event.py);
+- a batch the database refuses is halved until the refused rows are alone; each of those is set
+  aside (logged, counted in /metrics) and the others are written;
+- a database that cannot be reached (connection errors) keeps every row queued, in order, and
+  the writer retries with a growing pause, neither spinning nor touching the event loop;
+- the queue holds at most USAGE_MAX_PENDING rows; beyond that the oldest are dropped, counted
+  and logged;
+- when the process stops (ASGI lifespan shutdown, openai_api_server, or at exit) the queue is
+  written out.
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
+import os
+import random
 import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from keys import usage_metrics as metrics
 from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.usage_event import UsageEvent
+from keys.usage_totals import tokens_used_since  # the budgets' loader (keys/limits.py) imports it from here
+
+__all__ = ["UsageEvent", "UsageWriter", "usage_writer", "usage_lifespan", "tokens_used_since", "prune"]
 
 logger = logging.getLogger(__name__)
 
 # The writer thread applies the retention a minute after start, then once a day.
 PRUNE_DELAY = 60.0
 PRUNE_INTERVAL = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class UsageEvent:
-    """One finished request, as the API path reports it."""
-
-    key_id: int
-    model: str
-    endpoint: str
-    request_id: str
-    status: int
-    error_code: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: int = 0
-    ttft_ms: int | None = None
-    streamed: bool = False
-    created_at: datetime = field(default_factory=timezone.now)
+# Errors that say the database cannot be reached now, not that a row is wrong: the rows wait.
+UNREACHABLE = (OperationalError, InterfaceError)
+RETRY_MAX_SECONDS = 5.0  # the longest pause between tries while the database is unreachable
+STOP_SECONDS = 10.0  # how long the last flush at exit keeps trying an unreachable database
+WARNING_INTERVAL = 10.0  # at most one "queue full" warning this often
+SET_ASIDE_LOG_BURST = 20  # rows set aside logged one by one per WARNING_INTERVAL, then summed up
 
 
 RECORD_COLUMNS = ("key_id", "model", "endpoint", "request_id", "status", "error_code", "prompt_tokens",
@@ -64,8 +69,8 @@ def insert_records(events: list[UsageEvent]) -> None:
     row_placeholders = "(" + ", ".join(["%s"] * len(RECORD_COLUMNS)) + ")"
     adapt_datetime = connection.ops.adapt_datetimefield_value
     rows = [
-        (e.key_id, e.model[:200], e.endpoint[:100], e.request_id[:128], e.status, e.error_code[:64],
-         e.prompt_tokens, e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at))
+        (e.key_id, e.model, e.endpoint, e.request_id, e.status, e.error_code, e.prompt_tokens,
+         e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at))
         for e in events
     ]
     per_insert = ROWS_PER_INSERT
@@ -96,7 +101,7 @@ def rollup(events: Iterable[UsageEvent]) -> dict[tuple[int, str, date], Counter]
     for event in events:
         totals = groups[(event.key_id, event.model, event.created_at.date())]
         totals["requests"] += 1
-        totals["errors"] += event.status >= 400
+        totals["errors"] += event.is_error
         totals["prompt_tokens"] += event.prompt_tokens
         totals["completion_tokens"] += event.completion_tokens
     return groups
@@ -116,19 +121,34 @@ def add_to_rollup(key_id: int, model: str, day: date, totals: Counter) -> None:
 class UsageWriter:
     """Buffers UsageEvents and writes them from a background thread (or on flush())."""
 
-    def __init__(self, flush_seconds: float, batch_size: int):
+    def __init__(self, flush_seconds: float, batch_size: int, max_pending: int,
+                 retry_max_seconds: float = RETRY_MAX_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.flush_seconds = flush_seconds
         self.batch_size = batch_size
+        self.max_pending = max(max_pending, 1)
+        self.retry_max_seconds = retry_max_seconds
+        self.clock = clock
         self.pending: deque[UsageEvent] = deque()
         self.listeners: list[Callable[[UsageEvent], None]] = []
+        # Counted since the process started (and in /metrics): rows written, set aside, dropped.
+        self.written = self.set_aside = self.dropped = self.failed_flushes = 0
+        self._failures = 0  # failed flushes in a row (database unreachable)
+        self._retry_at = 0.0
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
+        self._dropped_warned_at = -WARNING_INTERVAL
+        self._set_aside_log = [-WARNING_INTERVAL, 0, 0]  # window start, lines logged, lines held back
+
+    # The request path --------------------------------------------------------------------
 
     def record(self, event: UsageEvent) -> None:
-        """Queue an event; O(1) and safe from any thread or event loop."""
-        self.pending.append(event)
+        """Queue an event; O(1), no lock, safe from any thread or event loop."""
+        pending = self.pending
+        if len(pending) >= self.max_pending:
+            self._drop_oldest(len(pending) - self.max_pending + 1)
+        pending.append(event)
         for listener in self.listeners:
             try:
                 listener(event)
@@ -136,22 +156,94 @@ class UsageWriter:
                 logger.exception("Usage listener failed")
         if self._thread is None and settings.USAGE_WRITER_THREAD:
             self.start()
-        if len(self.pending) >= self.batch_size:
+        if len(pending) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
+    def _drop_oldest(self, count: int) -> None:
+        dropped = 0
+        for _ in range(count):
+            try:
+                self.pending.popleft()
+            except IndexError:  # the writer took them meanwhile
+                break
+            dropped += 1
+        if not dropped:
+            return
+        self.dropped += dropped
+        metrics.DROPPED.inc(dropped)
+        now = self.clock()
+        if now - self._dropped_warned_at >= WARNING_INTERVAL:
+            self._dropped_warned_at = now
+            logger.warning("Usage queue full (USAGE_MAX_PENDING=%d): dropping the oldest rows, %d so far "
+                           "in this process", self.max_pending, self.dropped)
+
+    # Writing -------------------------------------------------------------------------------
+
     def flush(self) -> int:
-        """Write everything queued now; returns how many events were written."""
+        """Write everything queued now; returns how many rows were written. Rows the database
+        refuses are set aside; if it cannot be reached, the rows not written stay queued, in
+        order, and the connection error is raised."""
         written = 0
-        with self._flush_lock:
-            while self.pending:
-                batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
-                try:
-                    write_batch(batch)
-                except Exception:
-                    self.pending.extendleft(reversed(batch))  # keep them, in order, for the next try
-                    raise
-                written += len(batch)
+        try:
+            with self._flush_lock:
+                while self.pending:
+                    batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
+                    written += self._write(batch)
+        finally:
+            metrics.PENDING.set(len(self.pending))
         return written
+
+    def _write(self, batch: list[UsageEvent]) -> int:
+        """Write a batch, halving any part the database refuses until each refused row is alone."""
+        written = 0
+        parts = deque([batch])
+        while parts:
+            part = parts.popleft()
+            try:
+                write_batch(part)
+            except UNREACHABLE:
+                self._put_back([event for unwritten in (part, *parts) for event in unwritten])
+                raise
+            except Exception as exc:
+                if len(part) == 1:
+                    self._set_aside(part[0], exc)
+                else:
+                    half = len(part) // 2
+                    parts.extendleft((part[half:], part[:half]))
+            else:
+                written += len(part)
+        self.written += written
+        metrics.WRITTEN.inc(written)
+        return written
+
+    def _put_back(self, events: list[UsageEvent]) -> None:
+        """Requeue unwritten rows ahead of the newer ones, then drop the oldest beyond the bound."""
+        self.pending.extendleft(reversed(events))
+        excess = len(self.pending) - self.max_pending
+        if excess > 0:
+            self._drop_oldest(excess)
+
+    def _set_aside(self, event: UsageEvent, exc: Exception) -> None:
+        """A row the database refuses even alone. The log names it without its content beyond
+        the key id (events never hold a key's secret) and the database's reason."""
+        self.set_aside += 1
+        metrics.SET_ASIDE.inc()
+        window = self._set_aside_log
+        now = self.clock()
+        if now - window[0] >= WARNING_INTERVAL:
+            window[:] = [now, 0, window[2]]
+        if window[1] >= SET_ASIDE_LOG_BURST:
+            window[2] += 1
+            return
+        window[1] += 1
+        held_back, window[2] = window[2], 0
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        logger.error("Usage row set aside, the database refused it: key_id=%s request_id=%s endpoint=%s "
+                     "status=%s model=%.60r: %s: %s%s", event.key_id, event.request_id, event.endpoint,
+                     event.status, event.model, type(exc).__name__, reason,
+                     f" ({held_back} more set aside without a log line)" if held_back else "")
+
+    # The thread ------------------------------------------------------------------------------
 
     def start(self) -> None:
         with self._flush_lock:
@@ -159,25 +251,69 @@ class UsageWriter:
                 self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
                 self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Flush what is left and stop the thread (at exit and on graceful shutdown)."""
-        self._stopping = True
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop the thread and write what is left (at exit and on graceful shutdown), trying an
+        unreachable database until `timeout`; what still cannot be written is logged as lost."""
+        self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        if self.pending:
-            self._flush_safely()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        deadline = self.clock() + timeout
+        written, pause = 0, 0.1
+        while self.pending:
+            try:
+                close_old_connections()
+                written += self.flush()
+            except UNREACHABLE as exc:
+                if self.clock() + pause > deadline:
+                    logger.error("Usage database unreachable at exit (%s): %d usage row(s) lost",
+                                 type(exc).__name__, len(self.pending))
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+            except Exception:
+                logger.exception("Usage flush at exit failed: %d usage row(s) lost", len(self.pending))
+                break
+        if written:
+            logger.info("Process %d wrote its %d queued usage row(s) at exit", os.getpid(), written)
 
     def _run(self) -> None:
-        next_prune = time.monotonic() + PRUNE_DELAY
-        while not self._stopping:
+        next_prune = self.clock() + PRUNE_DELAY
+        while not self._stopping.is_set():
+            waiting = self._retry_at - self.clock()
+            if waiting > 0:
+                # Backing off: only stop() interrupts the pause (a full batch must not, or a
+                # busy gateway would retry a dead database at its request rate).
+                self._stopping.wait(min(waiting, self.flush_seconds))
+                metrics.PENDING.set(len(self.pending))
+                continue
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
             self._flush_safely()
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_INTERVAL
+            if self.clock() >= next_prune:
+                next_prune = self.clock() + PRUNE_INTERVAL
                 self._prune_safely()
+
+    def _flush_safely(self) -> None:
+        try:
+            close_old_connections()
+            self.flush()
+        except UNREACHABLE as exc:
+            self._failures += 1
+            self.failed_flushes += 1
+            metrics.FLUSH_FAILURES.inc()
+            pause = min(self.retry_max_seconds, self.flush_seconds * 2 ** min(self._failures, 16))
+            pause *= random.uniform(0.75, 1.0)  # processes that lost the database together do not retry in step
+            self._retry_at = self.clock() + pause
+            logger.warning("Usage database unreachable (%s: %s); %d row(s) kept, next try in %.1f s",
+                           type(exc).__name__, (str(exc).splitlines() or [""])[0][:200], len(self.pending), pause)
+        except Exception:
+            logger.exception("Usage flush failed; %d row(s) kept for the next try", len(self.pending))
+        else:
+            if self._failures:
+                logger.info("Usage database reachable again after %d failed flush(es)", self._failures)
+            self._failures, self._retry_at = 0, 0.0
 
     def _prune_safely(self) -> None:
         """Apply USAGE_RETENTION_DAYS (0 keeps every row). Every process does it once a day;
@@ -191,33 +327,27 @@ class UsageWriter:
         except Exception:
             logger.exception("Usage pruning failed; it is tried again in a day")
 
-    def _flush_safely(self) -> None:
-        try:
-            close_old_connections()
-            self.flush()
-        except Exception:
-            logger.exception("Usage flush failed; %d events kept for the next try", len(self.pending))
-            self._wake.wait(min(5.0, self.flush_seconds * 4))
-
 
 usage_writer = UsageWriter(
     flush_seconds=settings.USAGE_FLUSH_SECONDS,
     batch_size=settings.USAGE_BATCH_SIZE,
+    max_pending=settings.USAGE_MAX_PENDING,
 )
 atexit.register(usage_writer.stop)
 
 
-def tokens_used_since(key_id: int, since: datetime) -> int:
-    """Tokens a key used since `since`, from the database (roll-ups for whole past days)."""
-    today = timezone.now().date()
-    days = UsageDaily.objects.filter(key_id=key_id, day__gte=since.date(), day__lt=today)
-    past = sum(row.prompt_tokens + row.completion_tokens for row in days)
-    recent = UsageRecord.objects.filter(key_id=key_id, created_at__gte=max(since, start_of_day(today)))
-    return past + sum(r.prompt_tokens + r.completion_tokens for r in recent.only("prompt_tokens", "completion_tokens"))
-
-
-def start_of_day(day: date) -> datetime:
-    return datetime.combine(day, datetime.min.time(), tzinfo=timezone.get_current_timezone())
+async def usage_lifespan(scope: dict, receive: Callable, send: Callable) -> None:
+    """ASGI lifespan: write the queued rows when the server shuts down. uvicorn (one process or
+    `--workers N`) ends a process on SIGTERM by raising the signal again once it has served,
+    which skips atexit; the lifespan shutdown comes before that, after the last request."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await asyncio.to_thread(usage_writer.stop)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def prune(retention_days: int) -> int:

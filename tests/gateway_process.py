@@ -63,7 +63,7 @@ def uvicorn_command(port: int) -> list[str]:
     """One gateway process as the tests and bench/ run it: uvicorn with uvloop and httptools, no uvicorn access log."""
     return [
         sys.executable, "-m", "uvicorn", "--host", HOST, "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--lifespan", "off", "--no-access-log",
+        "--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log",
         "gateway_project.asgi:application",
     ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from keys.hashing import hash_key
 from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.usage import UsageEvent, write_batch
 from openai_api.auth import key_cache
 from tests.base import GatewayTestCase
 
@@ -261,9 +262,10 @@ class UsageTests(KeysAPITestCase):
         ]:
             UsageDaily.objects.create(key=key, model=model, day=self.today - timedelta(days=days_ago),
                                       requests=requests, errors=errors, prompt_tokens=prompt, completion_tokens=completion)
-        for key, status, prompt, completion in [(self.key, 200, 11, 5), (self.key, 500, 3, 0), (other, 200, 1, 1)]:
-            UsageRecord.objects.create(key=key, model="m1", endpoint="/v1/chat/completions", request_id="r",
-                                       status=status, prompt_tokens=prompt, completion_tokens=completion)
+        # Today's requests, as the usage writer stores them: rows and their roll-ups together.
+        write_batch([UsageEvent(key_id=key.pk, model="m1", endpoint="/v1/chat/completions", request_id="r",
+                                status=status, prompt_tokens=prompt, completion_tokens=completion)
+                     for key, status, prompt, completion in [(self.key, 200, 11, 5), (self.key, 500, 3, 0), (other, 200, 1, 1)]])
         # Yesterday's rows are already in the roll-up: they must not count twice.
         UsageRecord.objects.create(key=self.key, model="m1", endpoint="/v1/chat/completions", request_id="old",
                                    status=200, prompt_tokens=100, created_at=timezone.now() - timedelta(days=1, hours=1))

@@ -5,6 +5,7 @@ from datetime import timedelta
 from unittest import mock
 
 from asgiref.sync import sync_to_async
+from django.db import OperationalError
 from django.utils import timezone
 
 from keys import usage
@@ -63,10 +64,10 @@ class UsageTests(GatewayTestCase):
         self.assertGreater(row.completion_tokens, 0)
         self.assertLess(row.completion_tokens, 39)
 
-    async def test_a_failed_flush_keeps_its_events(self):
+    async def test_a_flush_that_cannot_reach_the_database_keeps_its_events(self):
         await self.post(CHAT, BODY)
-        with mock.patch.object(usage, "write_batch", side_effect=RuntimeError("database down")):
-            with self.assertRaises(RuntimeError):
+        with mock.patch.object(usage, "write_batch", side_effect=OperationalError("database down")):
+            with self.assertRaises(OperationalError):
                 await flush()
         self.assertEqual(len(usage_writer.pending), 1)
         self.assertEqual(await flush(), 1)

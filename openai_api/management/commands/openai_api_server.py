@@ -94,7 +94,7 @@ class Command(BaseCommand):
         config = uvicorn.Config(
             "gateway_project.asgi:application",
             host=options["host"], port=options["port"], workers=options["workers"],
-            loop="uvloop", http="httptools", lifespan="off", log_level="info",
+            loop="uvloop", http="httptools", lifespan="on", log_level="info",
             access_log=False, timeout_graceful_shutdown=settings.GATEWAY_DRAIN_SECONDS + 10,
             ssl_keyfile=ssl.get("keyfile"), ssl_certfile=ssl.get("certfile"),
         )
