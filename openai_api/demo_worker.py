@@ -2,8 +2,10 @@
 
 It speaks the wire protocol of FastChat 0.2.36's HF ``model_worker`` (registration, heartbeats,
 NUL-delimited cumulative stream chunks, the ``usage`` and ``echo`` quirks, leaked concurrency
-permits) with a deterministic word tokenizer and a canned reply instead of a model. Test hooks
-live under ``/_fake/``. Run ``python -m openai_api.demo_worker --help``.
+permits, a /worker_generate generation that outlives its client while a stream stops with its
+client) with a deterministic word tokenizer and a canned reply instead of a model. Test hooks
+live under ``/_fake/`` (``/_fake/log`` shows the queue and the generations running). Run
+``python -m openai_api.demo_worker --help``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import aiohttp
@@ -295,6 +297,10 @@ class DemoWorker:
         self.options = options
         conv = dataclasses.asdict(get_conv_template(options.conv_template))
         self.conv = {**conv, "sep_style": int(conv["sep_style"])}
+        # Generations running, an abandoned /worker_generate one included (kept across resets:
+        # they still run).
+        self.generating = 0
+        self.background: set[asyncio.Future] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -339,6 +345,15 @@ class DemoWorker:
         else:
             semaphore.release()
 
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[None]:
+        """Count a generation as running while the block runs."""
+        self.generating += 1
+        try:
+            yield
+        finally:
+            self.generating -= 1
+
     async def stall(self) -> None:
         """Sleep for the injected stall before sending anything."""
         if self.settings.stall_seconds:
@@ -364,17 +379,31 @@ class DemoWorker:
         return json_response({"conv": self.conv})
 
     async def generate(self, request: web.Request, params: Params) -> web.Response:
+        """Like FastChat's worker, which generates in a thread: a client that goes away does not
+        stop the generation, which keeps its slot until it ends (a stream's client does stop it)."""
         if self.settings.http_status:
             return injected_error(self.settings.http_status)
+        generation = asyncio.ensure_future(self.generate_whole(request, params))
+        self.background.add(generation)
+        generation.add_done_callback(self.generation_done)
+        return await asyncio.shield(generation)
+
+    def generation_done(self, generation: asyncio.Future) -> None:
+        self.background.discard(generation)
+        if not generation.cancelled():
+            generation.exception()  # retrieved: a client that left no longer waits for it
+
+    async def generate_whole(self, request: web.Request, params: Params) -> web.Response:
         crash_after, last = self.settings.crash_after_chunks, None
         async with self.model_slot():
             await self.stall()
-            chunks = generate_stream_gate(params, self.settings, self.options.stream_interval)
-            async for sent, chunk in aenumerate(chunks):
-                if crash_after is not None and sent >= crash_after:
-                    abort_connection(request)
-                    return web.Response()
-                last = chunk
+            with self.generation():
+                chunks = generate_stream_gate(params, self.settings, self.options.stream_interval)
+                async for sent, chunk in aenumerate(chunks):
+                    if crash_after is not None and sent >= crash_after:
+                        abort_connection(request)
+                        return web.Response()
+                    last = chunk
         return json_response(last)
 
     async def generate_stream(self, request: web.Request, params: Params) -> web.StreamResponse:
@@ -385,7 +414,8 @@ class DemoWorker:
             async with self.model_slot():
                 await self.stall()
                 await response.prepare(request)
-                await self.write_chunks(request, response, params)
+                with self.generation():
+                    await self.write_chunks(request, response, params)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
@@ -433,6 +463,7 @@ class DemoWorker:
                 "counts": dict(self.counts),
                 "leaked_slots": self.leaked_slots,
                 "queue_length": self.queue_length(),
+                "generating": self.generating,
                 "config": dataclasses.asdict(self.settings),
             }
         )

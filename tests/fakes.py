@@ -1,8 +1,12 @@
 """FakeFastChat: an in-process controller and worker behind httpx.MockTransport.
 
-It speaks the wire protocol of FASTCHAT_REFERENCE.md 15-16 (cumulative-text chunks, a final
+It speaks FastChat's wire protocol (docs/fastchat-protocol.md: cumulative-text chunks, a final
 duplicate chunk with finish_reason, NUL delimiters split across network reads) and records
 every upstream call so tests can count them.
+
+Like FastChat's real model_worker, a /worker_generate generation runs to its end even if its
+client goes away, while a /worker_generate_stream generation stops when its client closes the
+stream; `in_flight` counts the generations running (the worker's queue, as tests see it).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import base64
 import dataclasses
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +54,16 @@ class FakeFastChat:
     finish_reason: str | None = None  # overrides the computed finish_reason
     chunk_delay: float = 0.0
     stream_closed: list[bool] = field(default_factory=list)
+    # Garbage injection: every chunk goes through mutate_chunk; raw_stream replaces a stream's
+    # (and /worker_generate's) whole body; answers[path] replaces the JSON answer of that route;
+    # after silent_after_chunks chunks a stream raises the read timeout a silent worker causes.
+    mutate_chunk: Callable[[dict], Any] | None = None
+    raw_stream: bytes | None = None
+    answers: dict[str, Any] = field(default_factory=dict)
+    silent_after_chunks: int | None = None
+    # Generations running now (an abandoned /worker_generate one included), and all started.
+    in_flight: int = 0
+    generations_started: int = 0
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -67,6 +81,8 @@ class FakeFastChat:
         if str(request.url).startswith(CONTROLLER):
             if self.controller_error:
                 raise self.controller_error("controller down", request=request)
+            if path in self.answers:
+                return httpx.Response(200, json=self.answers[path])
             return self.controller(path, payload)
         worker = f"{request.url.scheme}://{request.url.host}"
         self.worker_hits.append((worker, path))
@@ -74,6 +90,8 @@ class FakeFastChat:
             raise httpx.ConnectError("connection refused", request=request)
         if self.worker_error:
             raise self.worker_error("worker down", request=request)
+        if path in self.answers:
+            return httpx.Response(200, json=self.answers[path])
         return await self.worker(path, payload)
 
     def controller(self, path: str, payload: dict | None) -> httpx.Response:
@@ -97,7 +115,9 @@ class FakeFastChat:
         if self.generate_status != 200:
             return httpx.Response(self.generate_status, text="Internal Server Error")
         if path == "/worker_generate":
-            return httpx.Response(200, json=self.chunks(payload)[-1])
+            # The real worker generates in a thread its client cannot stop.
+            last = await asyncio.shield(asyncio.ensure_future(self.generate(payload)))
+            return httpx.Response(200, content=last)
         if path == "/worker_generate_stream":
             return httpx.Response(200, stream=ClosableStream(self.stream(payload), self.stream_closed))
         if path == "/worker_get_embeddings":
@@ -119,7 +139,27 @@ class FakeFastChat:
         if self.error_chunk_after is not None:
             error = {"text": "**NETWORK ERROR DUE TO HIGH TRAFFIC.**\n\n(injected)", "error_code": self.error_code}
             chunks = chunks[: self.error_chunk_after] + [error]
+        if self.mutate_chunk is not None:
+            chunks = [self.mutate_chunk(chunk) for chunk in chunks]
         return chunks
+
+    def encoded_chunks(self, params: dict) -> list[bytes]:
+        if self.raw_stream is not None:
+            return [self.raw_stream]
+        return [json.dumps(chunk).encode() + b"\0" for chunk in self.chunks(params)]
+
+    async def generate(self, params: dict) -> bytes:
+        """/worker_generate: the stream's last chunk, after the whole generation."""
+        self.in_flight += 1
+        self.generations_started += 1
+        try:
+            encoded = self.encoded_chunks(params)
+            for _ in encoded:
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            return encoded[-1].rstrip(b"\0")
+        finally:
+            self.in_flight -= 1
 
     def chunk(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str | None, params: dict, n_tokens: int) -> dict:
         logprobs = None
@@ -133,13 +173,19 @@ class FakeFastChat:
                 "finish_reason": finish, "logprobs": logprobs}
 
     async def stream(self, params: dict) -> AsyncIterator[bytes]:
-        for chunk in self.chunks(params):
-            data = json.dumps(chunk).encode() + b"\0"
-            # Split each chunk across two reads, as TCP may.
-            yield data[: len(data) // 2]
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            yield data[len(data) // 2:]
+        self.in_flight += 1
+        self.generations_started += 1
+        try:
+            for sent, data in enumerate(self.encoded_chunks(params)):
+                if sent == self.silent_after_chunks:
+                    raise httpx.ReadTimeout("the worker stayed silent")
+                # Split each chunk across two reads, as TCP may.
+                yield data[: len(data) // 2]
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                yield data[len(data) // 2:]
+        finally:
+            self.in_flight -= 1
 
     def embed(self, params: dict) -> dict:
         inputs = params["input"]

@@ -302,15 +302,35 @@ def test_it_notices_a_client_that_drops_a_slow_stream(worker_url: str) -> None:
         assert client.get("/_fake/log").json()["queue_length"] == 0
 
 
-def test_it_notices_a_client_that_gives_up_on_a_stall(client: httpx.Client) -> None:
+def test_a_stream_whose_client_gives_up_on_a_stall_frees_its_slot_at_once(client: httpx.Client) -> None:
     configure(client, stall_seconds=30)
     with pytest.raises(httpx.ReadTimeout):
-        client.post("/worker_generate", json={"prompt": PROMPT}, timeout=0.3)
+        client.post("/worker_generate_stream", json={"prompt": PROMPT}, timeout=0.3)
     gave_up_at = time.time()
 
     entry = wait_for_log(client, lambda e: e["client_disconnected"])
     assert entry["disconnected_at"] - gave_up_at < 0.5
     assert client.get("/_fake/log").json()["queue_length"] == 0
+
+
+def test_a_generation_whose_client_gives_up_runs_to_its_end_like_fastchats(client: httpx.Client) -> None:
+    """FastChat's worker generates /worker_generate answers in a thread that a client leaving does
+    not stop: the slot stays taken until the whole answer is generated."""
+    configure(client, stall_seconds=0.6, token_delay=0.1)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/worker_generate", json={"prompt": PROMPT, "echo": False}, timeout=0.3)
+    entry = wait_for_log(client, lambda e: e["client_disconnected"])
+    assert entry["path"] == "/worker_generate"
+    log = client.get("/_fake/log").json()
+    assert (log["queue_length"], log["generating"]) == (1, 0)  # still stalling, before generating
+    time.sleep(0.5)
+    log = client.get("/_fake/log").json()
+    assert (log["queue_length"], log["generating"]) == (1, 1)
+    deadline = time.monotonic() + 4
+    while client.get("/_fake/log").json()["queue_length"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/_fake/log").json()["queue_length"] == 0
+    assert client.get("/_fake/log").json()["generating"] == 0
 
 
 def test_it_logs_requests(client: httpx.Client) -> None:
