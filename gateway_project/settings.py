@@ -180,8 +180,22 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 # Serve the admin's static files from the gateway itself (set False when nginx serves them).
 GATEWAY_SERVE_STATIC = env_bool("GATEWAY_SERVE_STATIC", "True")
 
-# Requests bigger than this get 413 (images travel inline as base64).
+# Requests bigger than this get 413 (images travel inline as base64), chunked ones as soon as
+# they pass it.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024)
+# Bounds on what one request may ask for (400 naming the parameter, before any upstream call).
+GATEWAY_MAX_JSON_DEPTH = env_int("GATEWAY_MAX_JSON_DEPTH", 64)
+GATEWAY_MAX_JSON_VALUES = env_int("GATEWAY_MAX_JSON_VALUES", 300_000)
+GATEWAY_MAX_MODEL_CHARS = env_int("GATEWAY_MAX_MODEL_CHARS", 256)
+GATEWAY_MAX_GENERATIONS = env_int("GATEWAY_MAX_GENERATIONS", 128)
+GATEWAY_MAX_MESSAGES = env_int("GATEWAY_MAX_MESSAGES", 2048)
+GATEWAY_MAX_CONTENT_PARTS = env_int("GATEWAY_MAX_CONTENT_PARTS", 64)
+GATEWAY_MAX_CONTENT_CHARS = env_int("GATEWAY_MAX_CONTENT_CHARS", 10 * 1024 * 1024)
+GATEWAY_MAX_STOP = env_int("GATEWAY_MAX_STOP", 16)
+GATEWAY_MAX_STOP_CHARS = env_int("GATEWAY_MAX_STOP_CHARS", 256)
+GATEWAY_MAX_EMBEDDING_INPUTS = env_int("GATEWAY_MAX_EMBEDDING_INPUTS", 2048)
+GATEWAY_EMBEDDING_CONCURRENCY = env_int("GATEWAY_EMBEDDING_CONCURRENCY", 4)
+GATEWAY_MAX_TOKEN_CHECK_ITEMS = env_int("GATEWAY_MAX_TOKEN_CHECK_ITEMS", 64)
 
 # FastChat backends
 CONTROLLER_ADDRESS = env_str("CONTROLLER_ADDRESS", "http://localhost:21001").rstrip("/")

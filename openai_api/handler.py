@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from io import BytesIO
 from typing import Any
 
 import orjson
@@ -12,11 +13,14 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.urls import set_script_prefix
 
-from openai_api.errors import OpenAIError, PayloadTooLargeError, error_body
+from openai_api.auth import authenticate
+from openai_api.errors import OpenAIError, error_body
 
 logger = logging.getLogger(__name__)
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+NO_BODY = b""
 
 
 class APIHandler(ASGIHandler):
@@ -32,6 +36,12 @@ class APIHandler(ASGIHandler):
       cache, usage is written by a thread of its own, both recycle their own connections); its
       responses hold no resources to close (streams close their generator themselves). The rest
       follows Django 5.2's ASGIHandler.handle.
+    - The body is read into memory only when the request can use it: not before its key is
+      known to be good (a bad key gets its 401 without a byte of a 16 MB body read), and never
+      past GATEWAY_MAX_BODY_BYTES, whatever Content-Length says or whether there is one (chunked
+      bodies are counted as they arrive). A body that is too big is left unread and the request
+      goes on with its length noted, so the view answers 413 as it answers every other error:
+      with the request id, the key's usage row, metrics and the access log.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -54,22 +64,23 @@ class APIHandler(ASGIHandler):
         return request, error_response
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
-        # Refuse an oversized body before reading it (Django would spool it all first).
-        if declared_length(scope) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            await send_error(send, 413, PayloadTooLargeError())
-            return
         try:
-            body_file = await self.read_body(receive)
+            body, too_large = await take_body(scope, receive)
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        request, error_response = self.create_request(scope, body_file)
+        request, error_response = self.create_request(scope, BytesIO(body or NO_BODY))
         if request is None:
-            body_file.close()
             await self.send_response(error_response, send)
             return
-        await self.respond_until_disconnect(request, receive, send)
-        body_file.close()
+        if too_large:  # request.body raises RequestDataTooBig (the view's 413) from this length
+            request.META["CONTENT_LENGTH"] = str(too_large)
+        if body is None:
+            # Unread body parts are still in front of a disconnect, so nobody listens for one;
+            # the answer (401, 413) comes at once, before any upstream call.
+            await self.get_and_send_response(request, send)
+        else:
+            await self.respond_until_disconnect(request, receive, send)
 
     async def respond_until_disconnect(self, request: Any, receive: Any, send: Any) -> None:
         """Send the response; if the client disconnects first, cancel the view (which closes
@@ -102,14 +113,72 @@ class APIHandler(ASGIHandler):
         return response
 
 
-def declared_length(scope: dict) -> int:
+def body_headers(scope: dict) -> tuple[int, bytes]:
+    """The declared Content-Length (-1 if there is none, as with chunked bodies; 0 if it is
+    not a number, which the server refuses anyway) and the Authorization header."""
+    length, authorization = -1, b""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
+            length = int(value) if value.isdigit() else 0
+        elif name == b"authorization":
+            authorization = value
+    return length, authorization
+
+
+class HeadersOnly:
+    """What openai_api.auth.authenticate reads of a request, before the request exists."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, authorization: bytes):
+        self.headers = {"Authorization": authorization.decode("latin1")}
+
+
+async def key_is_good(authorization: bytes) -> bool:
+    """Whether the body is worth reading: the view checks the key again, from the same cache,
+    and answers with whatever error this check met (401, or 503 if keys cannot be read)."""
+    if not authorization:
+        return False
+    try:
+        await authenticate(HeadersOnly(authorization))
+    except Exception:
+        return False
+    return True
+
+
+async def take_body(scope: dict, receive: Any) -> tuple[bytes | None, int]:
+    """(the body, 0) when it is read whole; (None, its length, as declared or counted so far)
+    when it is too big; (None, 0) when the key is bad. RequestAborted if the client leaves
+    while sending it."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    declared, authorization = body_headers(scope)
+    if declared > limit:
+        return None, declared
+    may_have_body = declared > 0 or (declared < 0 and scope["method"] in BODY_METHODS)
+    if may_have_body and not await key_is_good(authorization):
+        return None, 0
+    return await read_body_within(receive, limit)
+
+
+async def read_body_within(receive: Any, limit: int) -> tuple[bytes | None, int]:
+    """(the body, 0), or (None, bytes received) as soon as more than `limit` bytes came,
+    whatever Content-Length said (the rest is left unread)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestAborted()
+        chunk = message.get("body", NO_BODY)
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                return None, size
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0], 0
+    return b"".join(chunks), 0
 
 
 async def send_error(send: Any, status: int, error: OpenAIError) -> None:

@@ -3,16 +3,23 @@
 Requests become small frozen dataclasses; anything wrong becomes an InvalidRequestError that
 names the parameter. Range messages are FastChat's own (check_requests), so clients that
 match on them keep working. Unknown fields are ignored; features the workers cannot honour
-(tools, functions, JSON mode) are refused rather than silently dropped (SPEC.md 4).
+(tools, functions, JSON mode) are refused rather than silently dropped (docs/decisions.md).
+
+Every size a client chooses is bounded (settings GATEWAY_MAX_*), and checked before anything
+is built per item: a list's length before its elements, prompts x n before any generation.
+Integers fit in 64 bits (a worker payload cannot carry more), floats are finite.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from django.conf import settings
 
 from openai_api.errors import ErrorCode, InvalidJSONError, InvalidRequestError
+from openai_api.json_shape import check_json_shape
 
 MISSING = object()
 JSON_TYPE_NAMES = {
@@ -20,16 +27,25 @@ JSON_TYPE_NAMES = {
     list: "an array", dict: "an object", type(None): "null",
 }
 CHAT_ROLES = {"system", "developer", "user", "assistant"}
-MAX_N = 128
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1  # token counts (max_tokens, top_k): what workers take as a C int
+TOKEN_ID_MAX = 2**32 - 1
+NOT_AN_OBJECT = "The request body must be a JSON object."
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """The body as a dict; 400 before parsing if it is not an object or is too deep or too big."""
+    first = raw[:1]
+    if first != b"{" and raw.lstrip()[:1] != b"{":
+        # Not an object: no need to parse it (a 16 MB array would cost a second) to say so.
+        raise InvalidJSONError(NOT_AN_OBJECT if raw.strip() else InvalidJSONError.default_message)
+    check_json_shape(raw, settings.GATEWAY_MAX_JSON_DEPTH, settings.GATEWAY_MAX_JSON_VALUES)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidJSONError() from None
     if not isinstance(body, dict):
-        raise InvalidJSONError("The request body must be a JSON object.")
+        raise InvalidJSONError(NOT_AN_OBJECT)
     return body
 
 
@@ -48,11 +64,15 @@ def range_error(param: str, message: str) -> InvalidRequestError:
 def required(body: dict, name: str) -> Any:
     value = body.get(name, MISSING)
     if value is MISSING or value is None:
-        raise InvalidRequestError(
-            f"Missing required parameter: '{name}'.", param=name,
-            code="missing_required_parameter", fastchat_code=ErrorCode.VALIDATION_TYPE_ERROR,
-        )
+        raise missing_error(name)
     return value
+
+
+def missing_error(param: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Missing required parameter: '{param}'.", param=param,
+        code="missing_required_parameter", fastchat_code=ErrorCode.VALIDATION_TYPE_ERROR,
+    )
 
 
 def get_str(body: dict, name: str, default: str | None = None) -> str | None:
@@ -73,7 +93,9 @@ def get_bool(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def get_int(body: dict, name: str, default: int | None, minimum: int | None = None, maximum: int | None = None) -> int | None:
+def get_int(body: dict, name: str, default: int | None, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int | None:
+    """An integer within [minimum, maximum] (64-bit by default: a worker payload carries no
+    more, and JSON encoding refuses bigger ints). `1e20` counts as an integer, as in FastChat."""
     value = body.get(name)
     if value is None:
         return default
@@ -91,7 +113,12 @@ def get_float(body: dict, name: str, default: float, minimum: float | None = Non
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise type_error(name, "a number", value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too big for a float
+        value = math.inf if value > 0 else -math.inf
+    if not math.isfinite(value):  # NaN compares false with everything: the range check would pass it
+        raise range_error(name, f"{value} is not a finite number - '{name}'")
     check_range(name, value, minimum, maximum)
     return value
 
@@ -104,9 +131,10 @@ def check_range(name: str, value: float, minimum: float | None, maximum: float |
 
 
 def get_top_k(body: dict) -> int:
-    top_k = get_int(body, "top_k", -1)
-    if top_k == 0:
-        raise range_error("top_k", "0 is out of Range. Either set top_k to -1 or >=1.")
+    top_k = get_int(body, "top_k", -1, maximum=INT32_MAX)
+    if top_k < 1 and top_k != -1:
+        # FastChat refuses only 0 and passes other negatives on to workers that misbehave.
+        raise range_error("top_k", f"{top_k} is out of Range. Either set top_k to -1 or >=1.")
     return top_k
 
 
@@ -115,10 +143,47 @@ def get_stop(body: dict) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
-        return stop
-    raise type_error("stop", "a string or an array of strings", stop)
+        stop = [stop]
+    elif isinstance(stop, list):
+        # Workers test every stop string against the output after every token.
+        check_length("stop", stop, settings.GATEWAY_MAX_STOP)
+        if not all(isinstance(item, str) for item in stop):
+            raise type_error("stop", "a string or an array of strings", stop)
+    else:
+        raise type_error("stop", "a string or an array of strings", stop)
+    max_chars = settings.GATEWAY_MAX_STOP_CHARS
+    for item in stop:
+        if len(item) > max_chars:
+            raise range_error("stop", f"Each 'stop' sequence may have at most {max_chars} characters.")
+    return stop
+
+
+def check_length(param: str, items: list, maximum: int) -> None:
+    """OpenAI's message for an array that is too long (checked before its elements are)."""
+    if len(items) > maximum:
+        raise range_error(param, f"Invalid '{param}': array too long. Expected an array with maximum length "
+                                 f"{maximum}, but got an array with length {len(items)} instead.")
+
+
+def check_chars(param: str, text: str, maximum: int) -> None:
+    if len(text) > maximum:
+        raise range_error(param, f"Invalid '{param}': string too long. Expected a string with maximum length "
+                                 f"{maximum}, but got a string with length {len(text)} instead.")
+
+
+def get_model(body: dict, path_model: str | None = None, param: str = "model") -> str:
+    """The model name: bounded and printable (it lands in logs, usage rows and error messages)."""
+    model = body.get("model")
+    if not model and path_model is not None:  # /v1/engines/{model}/embeddings
+        model = path_model
+    if model is None:
+        raise missing_error(param)
+    if not isinstance(model, str):
+        raise type_error(param, "a string", model)
+    check_chars(param, model, settings.GATEWAY_MAX_MODEL_CHARS)
+    if not model.isprintable():
+        raise range_error(param, f"Invalid '{param}': model names may not contain control characters.")
+    return model
 
 
 def get_include_usage(body: dict) -> bool:
@@ -172,7 +237,7 @@ def parse_sampling(body: dict, max_tokens: int | None) -> Sampling:
     # FastChat's check order: max_tokens, n, temperature, top_p, top_k, stop.
     return Sampling(
         max_tokens=max_tokens,
-        n=get_int(body, "n", 1, minimum=1, maximum=MAX_N),
+        n=get_int(body, "n", 1, minimum=1, maximum=settings.GATEWAY_MAX_GENERATIONS),
         temperature=get_float(body, "temperature", 0.7, minimum=0, maximum=2),
         top_p=get_float(body, "top_p", 1.0, minimum=0, maximum=1),
         top_k=get_top_k(body),
@@ -199,16 +264,14 @@ class ChatRequest:
 
 def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatRequest:
     """Validate a /v1/chat/completions body (or /api/v1/chat/completions with extras)."""
-    model = required(body, "model")
-    if not isinstance(model, str):
-        raise type_error("model", "a string", model)
+    model = get_model(body)
     messages = parse_messages(required(body, "messages"))
     refuse_unsupported(body)
     if body.get("logprobs"):
         raise unsupported("logprobs", "Chat 'logprobs' are not supported by FastChat workers; use /v1/completions.")
-    max_tokens = get_int(body, "max_tokens", None, minimum=1)
+    max_tokens = get_int(body, "max_tokens", None, minimum=1, maximum=INT32_MAX)
     if max_tokens is None:
-        max_tokens = get_int(body, "max_completion_tokens", None, minimum=1)
+        max_tokens = get_int(body, "max_completion_tokens", None, minimum=1, maximum=INT32_MAX)
     repetition_penalty = get_float(body, "repetition_penalty", 1.0, minimum=0) if fastchat_extras else None
     return ChatRequest(
         model=model,
@@ -222,11 +285,13 @@ def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatRequest:
 def parse_messages(messages: Any) -> str | list[dict[str, Any]]:
     """A plain prompt string (FastChat allows it) or a list of normalised messages."""
     if isinstance(messages, str):
+        check_chars("messages", messages, settings.GATEWAY_MAX_CONTENT_CHARS)
         return messages
     if not isinstance(messages, list):
         raise type_error("messages", "an array of messages", messages)
     if not messages:
         raise range_error("messages", "[] is too short - 'messages'")
+    check_length("messages", messages, settings.GATEWAY_MAX_MESSAGES)
     return [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
 
 
@@ -263,9 +328,11 @@ def required_in(obj: dict, name: str, where: str) -> str:
 
 def parse_content(content: Any, where: str, allow_images: bool) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
+        check_chars(where, content, settings.GATEWAY_MAX_CONTENT_CHARS)
         return content
     if not isinstance(content, list):
         raise type_error(where, "a string or an array of content parts", content)
+    check_length(where, content, settings.GATEWAY_MAX_CONTENT_PARTS)
     return [parse_part(part, f"{where}[{i}]", allow_images) for i, part in enumerate(content)]
 
 
@@ -274,7 +341,9 @@ def parse_part(part: Any, where: str, allow_images: bool) -> dict[str, Any]:
         raise type_error(where, "an object", part)
     kind = required_in(part, "type", where)
     if kind == "text":
-        return {"type": "text", "text": required_in(part, "text", where)}
+        text = required_in(part, "text", where)
+        check_chars(f"{where}.text", text, settings.GATEWAY_MAX_CONTENT_CHARS)
+        return {"type": "text", "text": text}
     if kind == "image_url" and allow_images:
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
@@ -287,28 +356,38 @@ def parse_part(part: Any, where: str, allow_images: bool) -> dict[str, Any]:
 # Completions and embeddings input
 
 
-def parse_prompt_input(value: Any, param: str) -> list[str] | list[list[int]]:
-    """A str, list of str, list of token ids, or list of token-id lists; never empty.
+def parse_prompt_input(value: Any, param: str, max_inputs: int) -> list[str] | list[list[int]]:
+    """A str, list of str, list of token ids, or list of token-id lists; never empty, at most
+    `max_inputs` inputs (checked before any element is looked at).
 
     Returns a list of strings, or a list of token-id lists to be decoded (see tokens.py).
     """
+    max_chars = settings.GATEWAY_MAX_CONTENT_CHARS
     if isinstance(value, str):
+        check_chars(param, value, max_chars)
         return [value]
     if not isinstance(value, list):
         raise type_error(param, "a string or an array", value)
     if not value:
         raise range_error(param, f"[] is too short - '{param}'")
-    if all(isinstance(item, str) for item in value):
+    if isinstance(value[0], int) and not isinstance(value[0], bool):
+        # One prompt of token ids (its length is bounded by the body's number of values).
+        if all(is_token_id(item) for item in value):
+            return [value]
+        raise type_error(param, "a string, an array of strings, or token ids", value)
+    check_length(param, value, max_inputs)
+    if all(isinstance(item, str) and len(item) <= max_chars for item in value):
         return value
-    if all(is_token_id(item) for item in value):
-        return [value]
     if all(isinstance(item, list) and item and all(is_token_id(t) for t in item) for item in value):
         return value
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            check_chars(f"{param}[{i}]", item, max_chars)
     raise type_error(param, "a string, an array of strings, or token ids", value)
 
 
 def is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKEN_ID_MAX
 
 
 @dataclass(frozen=True)
@@ -324,16 +403,16 @@ class CompletionRequest:
 
 
 def parse_completion(body: dict) -> CompletionRequest:
-    model = required(body, "model")
-    if not isinstance(model, str):
-        raise type_error("model", "a string", model)
-    prompts = parse_prompt_input(required(body, "prompt"), "prompt")
+    model = get_model(body)
+    max_generations = settings.GATEWAY_MAX_GENERATIONS
+    prompts = parse_prompt_input(required(body, "prompt"), "prompt", max_generations)
     # `max_tokens: null` means the default, 16 (FastChat crashes on it).
-    max_tokens = get_int(body, "max_tokens", 16, minimum=1)
+    max_tokens = get_int(body, "max_tokens", 16, minimum=1, maximum=INT32_MAX)
     sampling = parse_sampling(body, max_tokens)
-    best_of = get_int(body, "best_of", None, minimum=1, maximum=MAX_N)
+    best_of = get_int(body, "best_of", None, minimum=1, maximum=max_generations)
     if best_of is not None and best_of < sampling.n:
         raise range_error("best_of", "best_of must be greater than or equal to n.")
+    check_generations(len(prompts), sampling.n, best_of, max_generations)
     return CompletionRequest(
         model=model,
         prompts=prompts,
@@ -346,6 +425,17 @@ def parse_completion(body: dict) -> CompletionRequest:
     )
 
 
+def check_generations(prompts: int, n: int, best_of: int | None, maximum: int) -> None:
+    """Every prompt gets n worker calls, each generating best_of sequences (FastChat's way):
+    bounded before any of them exists."""
+    if prompts * n > maximum:
+        raise range_error("n", f"{prompts} prompts with n={n} ask for {prompts * n} generations; "
+                               f"at most {maximum} are allowed per request.")
+    if best_of is not None and prompts * n * best_of > maximum:
+        raise range_error("best_of", f"{prompts} prompts with n={n} and best_of={best_of} ask for "
+                                     f"{prompts * n * best_of} generations; at most {maximum} are allowed per request.")
+
+
 @dataclass(frozen=True)
 class EmbeddingsRequest:
     model: str
@@ -355,9 +445,7 @@ class EmbeddingsRequest:
 
 
 def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsRequest:
-    model = get_str(body, "model") or path_model
-    if model is None:
-        required(body, "model")
+    model = get_model(body, path_model)
     encoding_format = get_str(body, "encoding_format")
     if encoding_format not in (None, "float", "base64"):
         raise range_error(
@@ -366,7 +454,7 @@ def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsReq
         )
     return EmbeddingsRequest(
         model=model,
-        inputs=parse_prompt_input(required(body, "input"), "input"),
+        inputs=parse_prompt_input(required(body, "input"), "input", settings.GATEWAY_MAX_EMBEDDING_INPUTS),
         encoding_format=encoding_format,
         user=get_str(body, "user"),
     )
@@ -386,13 +474,22 @@ def parse_token_check(body: dict) -> list[TokenCheckItem]:
     prompts = required(body, "prompts")
     if not isinstance(prompts, list):
         raise type_error("prompts", "an array", prompts)
+    check_length("prompts", prompts, settings.GATEWAY_MAX_TOKEN_CHECK_ITEMS)
+    max_chars = settings.GATEWAY_MAX_CONTENT_CHARS
     items = []
     for i, item in enumerate(prompts):
         where = f"prompts[{i}]"
         if not isinstance(item, dict):
             raise type_error(where, "an object", item)
-        max_tokens = get_int(item, "max_tokens", None)
+        try:
+            max_tokens = get_int(item, "max_tokens", None, minimum=0, maximum=INT32_MAX)
+        except InvalidRequestError as exc:
+            exc.param = f"{where}.max_tokens"
+            raise
         if max_tokens is None:
-            required(item, "max_tokens")
-        items.append(TokenCheckItem(required_in(item, "model", where), required_in(item, "prompt", where), max_tokens))
+            required_in(item, "max_tokens", where)
+        model = get_model(item, param=f"{where}.model")
+        prompt = required_in(item, "prompt", where)
+        check_chars(f"{where}.prompt", prompt, max_chars)
+        items.append(TokenCheckItem(model, prompt, max_tokens))
     return items

@@ -101,13 +101,17 @@ async def token_check(request: HttpRequest) -> HttpResponse:
     """FastChat's /api/v1/token_check: does each prompt plus max_tokens fit its model?"""
     items = protocol.parse_token_check(read_json(request))
     backend, key = get_backend(), request.ctx.key
-    results = []
     for item in items:
         require_model_access(key, item.model)
+    if items:
+        request.ctx.model = items[0].model
+    await admit(request.ctx)  # worker calls, so the key's limits apply as everywhere
+    results = []
+    for item in items:
 
         async def count(address: str, item=item) -> tuple[int, int]:
             context_length = await backend.context_length(address, item.model)
-            return await backend.client.count_tokens(address, item.model, item.prompt), context_length
+            return await backend.count_tokens(address, item.model, item.prompt), context_length
 
         token_count, context_length = await backend.on_worker(item.model, count)
         results.append({

@@ -141,6 +141,11 @@ class ApiHandlerTests(GatewayTestCase):
         self.assertEqual(status, 200)
 
     async def test_declared_oversized_bodies_get_413_before_being_read(self):
-        status, body = await asgi.request("POST", "/v1/chat/completions", {"content-length": str(10**9)})
+        status, body = await asgi.request("POST", "/v1/chat/completions", {**self.auth, "content-length": str(10**9)})
         self.assertEqual(status, 413)
         self.assertEqual(json.loads(body)["error"]["code"], "request_too_large")
+
+    async def test_without_a_key_the_body_is_not_looked_at(self):
+        status, body = await asgi.request("POST", "/v1/chat/completions", {"content-length": str(10**9)})
+        self.assertEqual(status, 401)
+        self.assertEqual(json.loads(body)["error"]["code"], "missing_api_key")
