@@ -20,20 +20,11 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django.views.decorators.debug import sensitive_variables
 
 from keys import dashboard
-from keys.hashing import display_prefix, generate_key, hash_key
 from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.spreadsheet import safe_row
 from keys.usage_totals import per_key
-
-
-@sensitive_variables("plaintext")
-def set_new_secret(key: APIKey) -> str:
-    """Give `key` a new secret (unsaved) and return its plaintext, for one response only."""
-    plaintext = generate_key()
-    key.prefix, key.hashed_key = display_prefix(plaintext), hash_key(plaintext)
-    return plaintext
 
 
 class Plaintext:
@@ -115,6 +106,11 @@ class APIKeyAdmin(admin.ModelAdmin):
     def get_fieldsets(self, request, obj=None):
         return self.fieldsets if obj else self.add_fieldsets
 
+    def get_readonly_fields(self, request, obj=None):
+        # A key acts with its user's permissions (/api/keys/): binding one is for superusers.
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, "user"]
+
     def get_queryset(self, request):
         since = timezone.now().date() - timedelta(days=29)
         return super().get_queryset(request).annotate(requests_30d=per_key("requests", since))
@@ -156,7 +152,7 @@ class APIKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: APIKey, form, change: bool) -> None:
         if not change:
-            obj.new_plaintext = Plaintext(set_new_secret(obj))
+            obj.new_plaintext = Plaintext(obj.assign_new_secret())
         super().save_model(request, obj, form, change)
 
     def response_add(self, request, obj: APIKey, post_url_continue=None):
@@ -170,7 +166,11 @@ class APIKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request, queryset) -> None:
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        count = 0
+        for key in queryset.filter(revoked_at__isnull=True):
+            if key.revoke():
+                self.log_change(request, key, "Revoked.")
+                count += 1
         self.message_user(request, f"Revoked {count} key(s). They are refused within a second.", messages.SUCCESS)
 
     @admin.action(description="Rotate selected keys (new secret, same settings)", permissions=["change"])
@@ -204,8 +204,7 @@ class APIKeyAdmin(admin.ModelAdmin):
     def rotate_keys(self, request, keys: list[APIKey]) -> TemplateResponse:
         rotated = []
         for key in keys:
-            plaintext = Plaintext(set_new_secret(key))
-            key.save(update_fields=["prefix", "hashed_key", "updated_at"])
+            plaintext = Plaintext(key.rotate())
             self.log_change(request, key, "Rotated the secret.")
             rotated.append((key, plaintext))
         return self.plaintext_response(request, rotated, "API keys rotated" if len(keys) > 1 else "API key rotated")
@@ -263,6 +262,7 @@ class Echo:
 
 def csv_response(queryset, filename: str) -> StreamingHttpResponse:
     """Stream usage rows as CSV, a chunk of rows per database round trip, never all in memory.
+    Text that a spreadsheet would run as a formula is neutralised (keys/spreadsheet.py).
 
     Async, so that ASGI servers stream it (Django reads a sync iterator to the end first). The
     rows come from one lazy database iterator, advanced a chunk at a time on Django's sync thread.
@@ -280,7 +280,7 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
         rows = await sync_to_async(open_rows)()
         try:
             while chunk := await sync_to_async(next_chunk)(rows):
-                yield "".join(writer.writerow(row) for row in chunk)
+                yield "".join(writer.writerow(safe_row(row)) for row in chunk)
         finally:
             await sync_to_async(rows.close)()  # the database cursor, also when the client leaves
 

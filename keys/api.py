@@ -18,14 +18,15 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import IsAdminUser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from keys.hashing import display_prefix, generate_key, hash_key
-from keys.models import APIKey
+from keys.api_permissions import KeyModelPermissions, check_key_change
+from keys.models import APIKey, KeyRevokedError
 from keys.usage_totals import rollups, summed
 
 logger = logging.getLogger(__name__)
@@ -135,22 +136,6 @@ class KeyPagination(PageNumberPagination):
     max_page_size = 1000
 
 
-def rotate_key(key: APIKey) -> str:
-    """Give `key` a new secret in place (same row, same usage history); returns the plaintext.
-    The old secret stops working as soon as the API path's key cache expires."""
-    plaintext = generate_key()
-    key.prefix, key.hashed_key = display_prefix(plaintext), hash_key(plaintext)
-    key.save(update_fields=["prefix", "hashed_key", "updated_at"])
-    return plaintext
-
-
-def revoke_key(key: APIKey) -> None:
-    """Revoke `key` unless it already is (the first revocation time is kept)."""
-    now = timezone.now()
-    APIKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now, updated_at=now)
-    key.refresh_from_db()
-
-
 def usage_rows(since: date, today: date, keys: QuerySet | None = None) -> list[dict]:
     """Usage per (key, model, day) from `since` to today, from the daily roll-ups."""
     return summed(rollups(since=since, until=today, keys=keys), "key_id", "model", "day")
@@ -207,6 +192,8 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
 
     queryset = APIKey.objects.all()
     serializer_class = APIKeySerializer
+    # Staff, and within staff Django's model permissions, as in the admin (keys/api_permissions.py).
+    permission_classes = [IsAdminUser, KeyModelPermissions]
     pagination_class = KeyPagination
     # JSON only: the browsable API would render a new key's plaintext through templates,
     # whose DEBUG logging (django.template) prints the whole context.
@@ -229,11 +216,13 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        self.check_change(None, serializer.validated_data)
         key, plaintext = APIKey.objects.create_key(**serializer.validated_data)
         logger.info("API key %s (%s…) created by %s", key.pk, key.prefix, request.user)
         return Response(self.with_plaintext(key, plaintext), status=status.HTTP_201_CREATED)
 
     def perform_update(self, serializer: APIKeySerializer) -> None:
+        self.check_change(serializer.instance, serializer.validated_data)
         key = serializer.save()
         logger.info("API key %s (%s…) changed by %s: %s", key.pk, key.prefix, self.request.user,
                     ", ".join(sorted(serializer.validated_data)))
@@ -242,7 +231,7 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     @action(detail=True, methods=["post"])
     def revoke(self, request: Request, pk: str) -> Response:
         key = self.get_object()
-        revoke_key(key)
+        key.revoke()
         logger.info("API key %s (%s…) revoked by %s", key.pk, key.prefix, request.user)
         return Response(self.get_serializer(key).data)
 
@@ -251,9 +240,10 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     @action(detail=True, methods=["post"])
     def rotate(self, request: Request, pk: str) -> Response:
         key = self.get_object()
-        if key.is_revoked:
-            raise Conflict("A revoked key cannot be rotated; create a new key instead.")
-        plaintext = rotate_key(key)
+        try:
+            plaintext = key.rotate()
+        except KeyRevokedError as exc:
+            raise Conflict(str(exc)) from None
         logger.info("API key %s rotated to %s… by %s", key.pk, key.prefix, request.user)
         return Response(self.with_plaintext(key, plaintext))
 
@@ -277,6 +267,11 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
         query = UsageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         return query.validated_data["days"]
+
+    def check_change(self, key: APIKey | None, changes: dict) -> None:
+        refusal = check_key_change(self.request.user, self.request.auth, key, changes)
+        if refusal:
+            raise PermissionDenied(refusal)
 
     def with_plaintext(self, key: APIKey, plaintext: str) -> dict:
         return {"key": plaintext, **self.get_serializer(key).data}

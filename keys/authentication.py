@@ -2,7 +2,8 @@
 
 Keys are looked up in the database on every request (no cache): this API is small, sync and
 rare, and a revoked or expired key must stop working at once. Whether the user may manage keys
-is the permission's business (IsAdminUser), so a valid key of a non-staff user gets 403, not 401.
+is the permissions' business (staff, then the user's model permissions: keys/api_permissions.py),
+so a valid key of a non-staff user gets 403, not 401.
 """
 from __future__ import annotations
 
@@ -59,5 +60,5 @@ class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
         return {
             "type": "http",
             "scheme": "bearer",
-            "description": "An API key (sk-...) whose user is an active staff user.",
+            "description": "An API key (sk-...) whose user is an active staff user; it acts with that user's permissions.",
         }

@@ -22,5 +22,16 @@ def hash_key(plaintext: str) -> str:
 
 
 def display_prefix(plaintext: str) -> str:
-    """The first characters of a key, enough to tell keys apart in the admin and logs."""
+    """The first characters of a generated key, enough to tell keys apart in the admin and logs
+    (10 of its 46 characters; the other 43 random ones stay secret)."""
     return plaintext[:DISPLAY_PREFIX_LENGTH]
+
+
+IMPORTED_PREFIX = "imp-"
+
+
+def digest_prefix(digest: str) -> str:
+    """The display prefix of a key that came from elsewhere (FastChat's --api-keys): its
+    plaintext may be short or guessable ("EMPTY", "sk-123456"), so no character of it is ever
+    shown; characters of its digest tell keys apart instead."""
+    return IMPORTED_PREFIX + digest[:8]

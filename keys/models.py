@@ -1,27 +1,67 @@
 """API keys with their limits. Only a key's SHA-256 digest is stored."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
-from keys.hashing import display_prefix, generate_key, hash_key
+from keys.hashing import digest_prefix, display_prefix, generate_key, hash_key
+
+
+class KeyRevokedError(Exception):
+    """A revoked key cannot be rotated: it is revoked for good."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import of plaintext keys did, counted (never the keys themselves)."""
+
+    created: int = 0
+    present: int = 0
+    revoked: int = 0  # keys of an earlier --api-keys list that are no longer in it
+    still_revoked: int = 0  # listed keys that somebody revoked: the list does not bring them back
 
 
 class APIKeyManager(models.Manager["APIKey"]):
+    @sensitive_variables("plaintext")
     def create_key(self, name: str, **fields) -> tuple[APIKey, str]:
         """Create a key and return it with its plaintext, which is never stored or shown again."""
         plaintext = generate_key()
         key = self.create(name=name, prefix=display_prefix(plaintext), hashed_key=hash_key(plaintext), **fields)
         return key, plaintext
 
-    def import_plaintext(self, plaintext: str, name: str) -> tuple[APIKey, bool]:
-        """Store an existing key (FastChat's --api-keys) by its digest; (key, created)."""
-        return self.get_or_create(
-            hashed_key=hash_key(plaintext),
-            defaults={"name": name, "prefix": display_prefix(plaintext)},
-        )
+    def import_plaintext(self, plaintext: str, name: str = "imported", source: str = "imported") -> tuple[APIKey, bool]:
+        """Store an existing key by its digest (no character of it is kept); (key, created)."""
+        digest = hash_key(plaintext)
+        return self.get_or_create(hashed_key=digest, defaults={"name": name, "prefix": digest_prefix(digest),
+                                                               "source": source})
+
+    def import_keys(self, plaintexts: Iterable[str]) -> ImportResult:
+        """`manage.py import_api_keys`: store each key once; keys already present stay as they are."""
+        created = sum(self.import_plaintext(plaintext)[1] for plaintext in dict.fromkeys(plaintexts))
+        return ImportResult(created=created, present=len(dict.fromkeys(plaintexts)) - created)
+
+    @transaction.atomic
+    def sync_flag_keys(self, plaintexts: Iterable[str]) -> ImportResult:
+        """        FastChat's --api-keys: the list is authoritative, as in FastChat. Listed keys are
+        imported (or, if imported before by other means, now governed by the list); keys an
+        earlier list brought in and this one lacks are revoked. Keys generated here are never
+        touched. A listed key that somebody revoked stays revoked (a restart must not bring
+        back a leaked key)."""
+        keys = [self.import_plaintext(p, name="--api-keys", source=APIKey.Source.API_KEYS_FLAG)
+                for p in dict.fromkeys(plaintexts)]
+        listed = {key.pk for key, _ in keys}
+        self.filter(pk__in=listed, source=APIKey.Source.IMPORTED).update(
+            source=APIKey.Source.API_KEYS_FLAG, updated_at=timezone.now())
+        dropped = self.filter(source=APIKey.Source.API_KEYS_FLAG, revoked_at__isnull=True).exclude(pk__in=listed)
+        revoked = sum(key.revoke() for key in dropped)
+        created = sum(is_new for _, is_new in keys)
+        return ImportResult(created=created, present=len(keys) - created, revoked=revoked,
+                            still_revoked=sum(key.is_revoked for key, _ in keys))
 
 
 class APIKey(models.Model):
@@ -29,10 +69,19 @@ class APIKey(models.Model):
         DAY = "day", "per day"
         MONTH = "month", "per month"
 
+    class Source(models.TextChoices):
+        GENERATED = "generated", "generated here"
+        IMPORTED = "imported", "imported (import_api_keys)"
+        API_KEYS_FLAG = "api_keys_flag", "openai_api_server --api-keys"
+
     name = models.CharField(max_length=100)
     owner = models.CharField(max_length=200, blank=True)
     prefix = models.CharField(max_length=16, editable=False)
     hashed_key = models.CharField(max_length=64, unique=True, editable=False)
+    source = models.CharField(
+        max_length=16, choices=Source.choices, default=Source.GENERATED, editable=False,
+        help_text="Where the secret came from. Keys from --api-keys are revoked when the flag no longer lists them.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -45,7 +94,7 @@ class APIKey(models.Model):
     budget_period = models.CharField(max_length=5, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
     user = models.ForeignKey(
         "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="api_keys",
-        help_text="A staff user's key may also call the key-management API (/api/keys/).",
+        help_text="A staff user's key may also call the key-management API (/api/keys/), within the user's permissions.",
     )
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -71,6 +120,32 @@ class APIKey(models.Model):
     @staticmethod
     def expiry_in_days(days: int | None):
         return timezone.now() + timedelta(days=days) if days else None
+
+    # Key actions: the admin, the REST API and the commands all go through these.
+
+    @sensitive_variables("plaintext")
+    def assign_new_secret(self) -> str:
+        """Give this key a new generated secret, unsaved; returns its plaintext (show it once)."""
+        plaintext = generate_key()
+        self.prefix, self.hashed_key, self.source = display_prefix(plaintext), hash_key(plaintext), self.Source.GENERATED
+        return plaintext
+
+    @sensitive_variables("plaintext")
+    def rotate(self) -> str:
+        """A new secret in place (same row, settings and usage history); returns the plaintext.
+        The old secret stops working once the API path's key cache expires (a second)."""
+        if self.is_revoked:
+            raise KeyRevokedError("A revoked key cannot be rotated; create a new key instead.")
+        plaintext = self.assign_new_secret()
+        self.save(update_fields=["prefix", "hashed_key", "source", "updated_at"])
+        return plaintext
+
+    def revoke(self) -> bool:
+        """Revoke this key for good; True if this call revoked it (the first revocation time is kept)."""
+        now = timezone.now()
+        revoked = APIKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now, updated_at=now)
+        self.refresh_from_db(fields=["revoked_at", "updated_at"])
+        return bool(revoked)
 
 
 class UsageRecord(models.Model):

@@ -9,3 +9,7 @@ import os
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-secret-key-never-used-in-production")
 
 from gateway_project.settings import *  # noqa: E402, F403
+
+# Django's test client calls itself "testserver"; the WebSocket origin check (gateway_project/asgi.py)
+# reads ALLOWED_HOSTS when the application is built, before Django's test set-up adds that name.
+ALLOWED_HOSTS = [*ALLOWED_HOSTS, "testserver"]  # noqa: F405

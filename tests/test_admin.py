@@ -161,6 +161,30 @@ class KeyAdminTests(AdminTestCase):
         self.assertContains(response, "cannot be rotated")
         self.assertEqual(APIKey.objects.get(pk=revoked.pk).hashed_key, revoked.hashed_key)
 
+    def test_revoking_and_rotating_update_the_change_time(self):
+        before = self.key.updated_at
+        self.client.post(KEYS, {"action": "revoke", "_selected_action": [self.key.pk]})
+        self.key.refresh_from_db()
+        self.assertGreater(self.key.updated_at, before)
+        other, _ = APIKey.objects.create_key("other")
+        before = other.updated_at
+        self.client.post(KEYS, {"action": "rotate", "_selected_action": [other.pk], "confirm": "yes"})
+        other.refresh_from_db()
+        self.assertGreater(other.updated_at, before)
+        self.assertTrue(LogEntry.objects.filter(object_id=str(self.key.pk), change_message="Revoked.").exists())
+
+    def test_only_superusers_bind_a_key_to_a_user(self):
+        editor = User.objects.create_user("editor", is_staff=True)
+        editor.user_permissions.add(*Permission.objects.filter(codename__in=["view_apikey", "change_apikey"]))
+        self.client.force_login(editor)
+        change = reverse("admin:keys_apikey_change", args=[self.key.pk])
+        self.assertNotContains(self.client.get(change), 'name="user"')
+        self.client.post(change, {**KEY_FORM, "user": self.staff.pk})
+        self.key.refresh_from_db()
+        self.assertIsNone(self.key.user)
+        self.client.force_login(self.staff)
+        self.assertContains(self.client.get(change), 'name="user"')
+
     def test_the_state_filter(self):
         revoked = APIKey.objects.get(name="revoked")
         page = self.client.get(KEYS, {"state": "revoked"}).content.decode()
@@ -234,6 +258,23 @@ class UsageAdminTests(AdminTestCase):
         with self.assertWarns(Warning):  # the sync test client reads the async stream at once
             body = b"".join(response).decode()
         self.assertEqual({row["request_id"] for row in csv.DictReader(io.StringIO(body))}, {"req-upstream", "req-limited"})
+
+    async def test_the_export_neutralises_cells_a_spreadsheet_would_run_as_formulas(self):
+        formula = '=HYPERLINK("http://x","y")'
+        await sync_to_async(record)(self.key, formula, 200, "req-formula", prompt_tokens=3)
+        await sync_to_async(record)(self.key, "@SUM(1)", 200, "req-at")
+        await sync_to_async(record)(self.key, "-1", 200, "req-number")
+        rows = {row["request_id"]: row for row in await self.read_csv({})}
+        self.assertEqual(rows["req-formula"]["model"], "'" + formula)
+        self.assertEqual(rows["req-at"]["model"], "'@SUM(1)")
+        self.assertEqual(rows["req-number"]["model"], "-1")  # a number stays a number
+        self.assertEqual(rows["req-formula"]["prompt_tokens"], "3")
+
+    def test_cells_starting_with_each_formula_character_are_neutralised(self):
+        from keys.spreadsheet import safe_row
+
+        self.assertEqual(safe_row(["=1+1", "+A1", "-A1", "@A1", "\tx", "\rx", "ok", "", 5, -5, "-5", "+1.5e3", None]),
+                         ["'=1+1", "'+A1", "'-A1", "'@A1", "'\tx", "'\rx", "ok", "", 5, -5, "-5", "+1.5e3", None])
 
     def test_the_changelist_links_the_export_with_its_filters(self):
         self.assertContains(self.client.get(USAGE, {"model": "m1"}), f"{EXPORT}?model=m1")

@@ -5,7 +5,7 @@ from datetime import timedelta
 from io import StringIO
 
 from asgiref.sync import async_to_sync
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.utils import timezone
@@ -39,6 +39,9 @@ class KeysAPITestCase(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.staff = User.objects.create_user("staff", is_staff=True)
+        self.staff.user_permissions.set(Permission.objects.filter(
+            content_type__app_label="keys", codename__in=["view_apikey", "add_apikey", "change_apikey",
+                                                          "view_usagerecord"]))
         self.api = APIClient()
         self.api.force_login(self.staff)
         self.clock = FakeClock()
@@ -114,6 +117,117 @@ class AuthenticationTests(KeysAPITestCase):
         self.assertEqual(client.get(KEYS).status_code, 200)
         APIKey.objects.filter(user=self.staff).update(revoked_at=timezone.now())
         self.assertEqual(client.get(KEYS).status_code, 401)
+
+
+class PermissionMatrixTests(KeysAPITestCase):
+    """Django's model permissions decide, over a session and over the user's own key alike."""
+
+    ROLES = {
+        "staff without permissions": [],
+        "staff who may view": ["view_apikey", "view_usagerecord"],
+        "staff who may change": ["view_apikey", "add_apikey", "change_apikey", "view_usagerecord"],
+    }
+    #                       list  create  change  revoke  rotate  usage
+    EXPECTED = {
+        "staff without permissions": (403, 403, 403, 403, 403, 403),
+        "staff who may view":        (200, 403, 403, 403, 403, 200),
+        "staff who may change":      (200, 201, 200, 200, 200, 200),
+        "superuser":                 (200, 201, 200, 200, 200, 200),
+    }  # fmt: skip
+
+    def user(self, role: str) -> User:
+        if role == "superuser":
+            return User.objects.create_superuser(role.replace(" ", "-"), password=None)
+        user = User.objects.create_user(role.replace(" ", "-"), is_staff=True)
+        user.user_permissions.set(Permission.objects.filter(content_type__app_label="keys",
+                                                            codename__in=self.ROLES[role]))
+        return user
+
+    def client_for(self, user: User, auth: str) -> tuple[APIClient, APIKey]:
+        own, plaintext = APIKey.objects.create_key(f"{user.username}'s key", user=user, requests_per_minute=10)
+        client = APIClient()
+        if auth == "session":
+            client.force_login(user)
+        else:
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+        return client, own
+
+    def statuses(self, client: APIClient) -> tuple[int, ...]:
+        victim, _ = APIKey.objects.create_key("victim", requests_per_minute=5)
+        return (
+            client.get(KEYS).status_code,
+            client.post(KEYS, {"name": "new"}, format="json").status_code,
+            client.patch(self.url(victim), {"requests_per_minute": 6}, format="json").status_code,
+            client.post(self.url(victim, "revoke")).status_code,
+            client.post(self.url(self.key, "rotate")).status_code,
+            client.get(self.url(victim, "usage")).status_code,
+        )
+
+    def test_each_role_over_a_session_and_over_its_key(self):
+        for role, expected in self.EXPECTED.items():
+            user = self.user(role)
+            for auth in ("session", "key"):
+                with self.subTest(role=role, auth=auth):
+                    client, _ = self.client_for(user, auth)
+                    self.assertEqual(self.statuses(client), expected)
+
+    def test_a_viewer_sees_the_usage_summary_and_a_keyless_role_does_not(self):
+        viewer, _ = self.client_for(self.user("staff who may view"), "key")
+        self.assertEqual(viewer.get(KEYS + "usage/").status_code, 200)
+        nobody, _ = self.client_for(self.user("staff without permissions"), "key")
+        self.assertEqual(nobody.get(KEYS + "usage/").status_code, 403)
+
+    def test_the_reported_escalation_is_refused(self):
+        """A staff user with no permissions, with its own key: no unlimited key bound to the
+        superuser, no clearing its own limits, no revoking other keys."""
+        root = self.user("superuser")
+        client, own = self.client_for(self.user("staff without permissions"), "key")
+        self.assertEqual(client.post(KEYS, {"name": "root", "user": root.pk}, format="json").status_code, 403)
+        self.assertEqual(client.patch(self.url(own), {"requests_per_minute": None}, format="json").status_code, 403)
+        self.assertEqual(client.post(self.url(self.key, "revoke")).status_code, 403)
+        self.assertFalse(APIKey.objects.filter(user=root).exclude(name__endswith="'s key").exists())
+        own.refresh_from_db()
+        self.key.refresh_from_db()
+        self.assertEqual((own.requests_per_minute, self.key.revoked_at), (10, None))
+
+    def test_only_superusers_bind_keys_to_users(self):
+        root = self.user("superuser")
+        for auth in ("session", "key"):
+            editor, _ = self.client_for(self.user("staff who may change") if auth == "session" else self.staff, auth)
+            refused = editor.post(KEYS, {"name": "bound", "user": root.pk}, format="json")
+            self.assertEqual(refused.status_code, 403, auth)
+            self.assertIn("superusers", refused.json()["detail"])
+            self.assertEqual(editor.patch(self.url(self.key), {"user": self.staff.pk}, format="json").status_code, 403)
+            self.assertEqual(editor.post(KEYS, {"name": "unbound", "user": None}, format="json").status_code, 201)
+        superuser, _ = self.client_for(root, "key")
+        self.assertEqual(superuser.post(KEYS, {"name": "bound", "user": self.staff.pk}, format="json").status_code, 201)
+        self.assertEqual(superuser.patch(self.url(self.key), {"user": self.staff.pk}, format="json").status_code, 200)
+
+    def test_a_key_cannot_raise_its_own_limits_or_extend_its_own_expiry(self):
+        soon = timezone.now() + timedelta(days=1)
+        own, plaintext = APIKey.objects.create_key(
+            "own", user=self.user("superuser"), requests_per_minute=10, tokens_per_minute=100, parallel_requests=2,
+            token_budget=1000, budget_period="day", expires_at=soon, allowed_models=["m1"])
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+        raises = [{"requests_per_minute": 11}, {"requests_per_minute": None}, {"tokens_per_minute": None},
+                  {"parallel_requests": 3}, {"token_budget": 2000}, {"budget_period": "month"},
+                  {"expires_at": None}, {"expires_at": (soon + timedelta(days=1)).isoformat()},
+                  {"allowed_models": []}, {"allowed_models": ["m1", "m2"]}]
+        for change in raises:
+            with self.subTest(change=change):
+                response = client.patch(self.url(own), change, format="json")
+                self.assertEqual(response.status_code, 403, response.content)
+                self.assertIn("own limits", response.json()["detail"])
+        lowers = [{"requests_per_minute": 5}, {"token_budget": 10}, {"expires_at": (soon - timedelta(hours=1)).isoformat()},
+                  {"name": "renamed"}]
+        for change in lowers:
+            with self.subTest(change=change):
+                self.assertEqual(client.patch(self.url(own), change, format="json").status_code, 200)
+        # The same user may raise the key over a session (or with another key).
+        session = APIClient()
+        session.force_login(own.user)
+        self.assertEqual(session.patch(self.url(own), {"requests_per_minute": None}, format="json").status_code, 200)
 
 
 class CreateListRetrieveTests(KeysAPITestCase):
@@ -350,7 +464,7 @@ class RevokeCommandTests(KeysAPITestCase):
         self.assertTrue(APIKey.objects.get(pk=self.key.pk).is_revoked)
 
     def test_it_refuses_unknown_and_ambiguous_references_and_revokes_nothing(self):
-        twin, _ = APIKey.objects.import_plaintext(self.key.prefix + "-other-secret", name="twin")
+        twin = APIKey.objects.create(name="twin", prefix=self.key.prefix, hashed_key=hash_key("another secret"))
         with self.assertRaisesMessage(CommandError, "2 keys"):
             self.revoke(self.key.prefix)
         with self.assertRaisesMessage(CommandError, "No key"):

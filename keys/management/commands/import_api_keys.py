@@ -6,17 +6,9 @@ from django.core.management.base import BaseCommand, CommandParser
 from keys.models import APIKey
 
 
-def import_keys(plaintexts: list[str], name_prefix: str = "imported") -> int:
-    """Store each key by its digest; returns how many were new."""
-    created = 0
-    for plaintext in plaintexts:
-        _, is_new = APIKey.objects.import_plaintext(plaintext, name=f"{name_prefix} {plaintext[:4]}…")
-        created += is_new
-    return created
-
-
 class Command(BaseCommand):
-    help = "Import FastChat-style plaintext API keys (comma-separated, or one per line in --file)."
+    help = ("Import FastChat-style plaintext API keys (comma-separated, or one per line in --file). "
+            "Only their digests are stored; the admin shows digest characters, never the key's.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("keys", nargs="?", default="")
@@ -27,5 +19,5 @@ class Command(BaseCommand):
         if options["file"]:
             with open(options["file"]) as handle:
                 plaintexts += [line.strip() for line in handle if line.strip()]
-        created = import_keys(plaintexts)
-        self.stdout.write(f"Imported {created} new key(s); {len(plaintexts) - created} already present.")
+        result = APIKey.objects.import_keys(plaintexts)
+        self.stdout.write(f"Imported {result.created} new key(s); {result.present} already present.")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from keys.api import revoke_key
 from keys.hashing import hash_key
 from keys.models import APIKey
 
@@ -38,5 +37,5 @@ class Command(BaseCommand):
             if key.is_revoked:
                 self.stdout.write(f"Key {key.pk} {key.name!r} ({key.prefix}…) was already revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}.")
                 continue
-            revoke_key(key)
+            key.revoke()
             self.stdout.write(f"Revoked key {key.pk} {key.name!r} ({key.prefix}…).")

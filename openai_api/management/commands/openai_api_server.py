@@ -58,16 +58,25 @@ class Command(BaseCommand):
         self.export_settings(options)
         if not options["no_migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
-        if options["api_keys"]:
-            from keys.management.commands.import_api_keys import import_keys
-
-            created = import_keys([k for k in options["api_keys"] if k])
-            self.stderr.write(f"Imported {created} new API key(s) from --api-keys (stored hashed).")
+        if options["api_keys"] is not None:
+            self.sync_flag_keys(options["api_keys"])
         ssl = self.ssl_files() if options["ssl"] else {}
         if options["server"] == "daphne":
             self.run_daphne(options, ssl)
         else:
             self.run_uvicorn(options, ssl)
+
+    def sync_flag_keys(self, plaintexts: list[str]) -> None:
+        """As in FastChat, the flag's list is the set of keys that work: its keys are imported
+        (stored hashed), and keys of an earlier list missing from it are revoked."""
+        from keys.models import APIKey
+
+        result = APIKey.objects.sync_flag_keys(k for k in plaintexts if k)
+        self.stderr.write(f"--api-keys: {result.created} key(s) imported (stored hashed), {result.present} already "
+                          f"present, {result.revoked} no longer listed and revoked.")
+        if result.still_revoked:
+            self.stderr.write(f"--api-keys: {result.still_revoked} listed key(s) were revoked in the admin and stay "
+                              "revoked; list new keys instead.")
 
     def export_settings(self, options: dict) -> None:
         """Settings for this process and, through the environment, for worker processes."""
