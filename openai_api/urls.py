@@ -2,10 +2,11 @@
 so a process that serves only the API never imports the admin's or DRF's views."""
 from django.urls import path
 
-from openai_api import views
+from openai_api import openapi, views
 from openai_api.observability import metrics_view
 
 urlpatterns = [
+    path("v1/openapi.json", openapi.openapi_json),
     path("v1/models", views.models),
     path("v1/models/<path:model_id>", views.model_detail),
     path("v1/chat/completions", views.chat_completions),
