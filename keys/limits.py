@@ -391,6 +391,7 @@ class RedisLimitStore:
                     self._queued.popleft()
             except self._failures:
                 delay = min(delay * 2, longest)
+        self._down_until = float("-inf")  # it answered: requests need not wait out the backoff
         logger.info("Redis answers again: the releases that had failed are done")
 
     @property

@@ -7,7 +7,12 @@ or else a throwaway redis-server of this module's own.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -16,12 +21,13 @@ import pytest
 from django.test import override_settings
 
 from keys.exceptions import LimitExceeded
-from keys.limits import Limits, RedisLimitStore, get_limit_store, reset_limit_store
+from keys.limits import Limits, RedisLimitStore, _pending_releases, get_limit_store, reset_limit_store
 from keys.models import APIKey
 from openai_api.auth import key_cache
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
-from tests.services import ServiceUnavailable, redis_server, under_services_wrapper
+from tests.procs import HOST, wait_for_port
+from tests.services import Redis, ServiceUnavailable, redis_server, under_services_wrapper
 from tests.sse import read_stream
 
 CHAT = "/v1/chat/completions"
@@ -318,3 +324,133 @@ def test_the_suite_really_runs_on_postgresql_and_redis():
         assert isinstance(get_limit_store(), RedisLimitStore)
     finally:
         reset_limit_store()
+
+
+# Redis outages: a throwaway Redis of this module's own, stopped and started again by the tests.
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[Redis]:
+    try:
+        with redis_server() as server:
+            yield server
+    except ServiceUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def stop(server: Redis) -> None:
+    """Stop Redis as a crash would, keeping its data on disk (SAVE: this Redis saves nothing
+    by itself) so that a restart finds the parallel slots that were taken."""
+    client = server.client()
+    try:
+        client.save()
+    finally:
+        client.close()
+    server.proc.kill()
+    server.proc.wait(10)
+
+
+def start_again(server: Redis) -> None:
+    """Start the stopped Redis on the same port and directory; it loads the saved data."""
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    server.proc = subprocess.Popen(
+        [binary, "--port", str(server.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--dir", str(server.directory), "--daemonize", "no", "--protected-mode", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(server.port, 20, proc=server.proc, what="redis-server")
+
+
+class RedisOutageTests(GatewayTestCase):
+    """Redis down or hung: keys with limits get 503 + Retry-After quickly (or are admitted,
+    failing open), keys without limits are served, and no parallel slot stays taken."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, own_redis):
+        self.redis = own_redis
+
+    def setUp(self):
+        super().setUp()
+        self.override = override_settings(REDIS_URL=self.redis.url)
+        self.override.enable()
+        reset_limit_store()  # built from the settings: GATEWAY_REDIS_TIMEOUT
+        self.unlimited, self.unlimited_plaintext = APIKey.objects.create_key("unlimited")
+
+    def tearDown(self):
+        if self.redis.proc.poll() is not None:
+            start_again(self.redis)
+        self.redis.proc.send_signal(signal.SIGCONT)
+        self.redis.client().flushdb()
+        self.override.disable()
+        super().tearDown()
+
+    async def limit(self, **fields) -> None:
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(**fields)
+        key_cache.clear()
+
+    async def timed_post(self, body=BODY, **headers) -> tuple[object, float]:
+        started = time.monotonic()
+        response = await self.post(CHAT, body, **headers)
+        return response, time.monotonic() - started
+
+    async def test_a_key_with_limits_gets_503_and_a_key_without_is_served(self):
+        await self.limit(requests_per_minute=100, parallel_requests=2)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        stop(self.redis)
+        with self.assertLogs("keys.limits", "WARNING"):
+            response, elapsed = await self.timed_post()
+        body = self.assertError(response, 503, code="limits_unavailable")
+        self.assertEqual(response["Retry-After"], "1")
+        self.assertLess(elapsed, 1.0)
+        self.assertNotIn(str(self.redis.port), body["message"])
+        response, elapsed = await self.timed_post()  # refused at once while Redis is down
+        self.assertError(response, 503, code="limits_unavailable")
+        self.assertLess(elapsed, 0.1)
+        unlimited = {"Authorization": f"Bearer {self.unlimited_plaintext}"}
+        self.assertEqual((await self.post(CHAT, BODY, **unlimited)).status_code, 200)
+        start_again(self.redis)
+        await asyncio.sleep(1.1)  # the store tries Redis again a second after it failed
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+    async def test_a_hung_redis_answers_503_within_the_socket_timeout(self):
+        await self.limit(requests_per_minute=100)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+        self.redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with self.assertLogs("keys.limits", "WARNING"):
+                response, elapsed = await self.timed_post()
+        finally:
+            self.redis.proc.send_signal(signal.SIGCONT)
+        self.assertError(response, 503, code="limits_unavailable")
+        self.assertLess(elapsed, 1.5)  # GATEWAY_REDIS_TIMEOUT is 1 s
+
+    @override_settings(GATEWAY_LIMITS_FAIL_OPEN=True)
+    async def test_failing_open_admits_keys_with_limits(self):
+        await self.limit(parallel_requests=1)
+        stop(self.redis)
+        with self.assertLogs("keys.limits", "WARNING"):
+            response, elapsed = await self.timed_post()
+        self.assertEqual(response.status_code, 200, response.content)
+        self.assertNotIn("x-ratelimit-limit-requests", response)
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+    async def test_releases_that_failed_are_retried_once_redis_is_back(self):
+        await self.limit(parallel_requests=1)
+        store = get_limit_store()
+        self.fake.chunk_delay = 0.1
+        request = asyncio.create_task(self.post(CHAT, {**BODY, "stream": True}))
+        while await store.parallel_in_use(self.key.pk) == 0:  # the request holds its slot
+            await asyncio.sleep(0.01)
+        stop(self.redis)
+        with self.assertLogs("keys.limits", "WARNING"):
+            self.assertEqual((await request).status_code, 200)
+            await asyncio.gather(*(t for t in _pending_releases if t.get_loop() is asyncio.get_running_loop()))
+        self.assertEqual(store.queued_releases, 1)
+        start_again(self.redis)
+        self.assertEqual(self.redis.client().zcard(f"gw:{{{self.key.pk}}}:parallel"), 1)  # the saved slot
+        deadline = time.monotonic() + 5
+        while store.queued_releases and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.assertEqual(store.queued_releases, 0)
+        self.assertEqual(await store.parallel_in_use(self.key.pk), 0)
+        self.fake.chunk_delay = 0
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
