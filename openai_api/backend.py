@@ -158,6 +158,7 @@ class Backend:
         A killed worker stays listed by the controller for up to 90 s, so a refused
         connection is retried a bounded number of times, then answered with 503.
         """
+        address = ""
         for attempt in range(self.worker_retries):
             address = await self.worker_address(model, fresh=attempt > 0)
             try:
@@ -166,7 +167,7 @@ class Backend:
                 self.forget_worker(address)
         raise UpstreamUnavailableError(
             f"No worker for model {model!r} could be reached. Please retry later.",
-            code="worker_unreachable",
+            code="worker_unreachable", upstream_url=address,
         )
 
 

@@ -119,8 +119,8 @@ def render_choice(rendering: Rendering, index: int, chunk: dict[str, Any]) -> di
     text = chunk.get("text", "")
     logprobs = chunk.get("logprobs")
     finish_reason = chunk.get("finish_reason", "stop")
-    if not isinstance(text, str) or not (logprobs is None or isinstance(logprobs, dict)) or not (
-        finish_reason is None or isinstance(finish_reason, str)
+    if not isinstance(text, str) or not (finish_reason is None or isinstance(finish_reason, str)) or not (
+        logprobs is None or (isinstance(logprobs, dict) and all(isinstance(v, list) for v in logprobs.values()))
     ):
         raise UpstreamError("The worker sent a malformed answer.")
     return rendering.choice(index, text, logprobs, finish_reason)

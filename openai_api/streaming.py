@@ -102,11 +102,12 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
 async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any]) -> AsyncIterator[bytes]:
     """Relay `events`, then `[DONE]`; a failure becomes one error event before `[DONE]`.
 
-    `on_end(status, error_code)` runs exactly once, however the stream ends: 200 on success,
-    502 after an error event (503 if a shutdown cut it), 499 when the client went away (then
-    no `[DONE]` is sent). While it runs, a shutdown may close its `upstreams` (lifecycle.py).
+    `on_end(status, error_code, upstream_url)` runs exactly once, however the stream ends: 200
+    on success, 502 after an error event (503 if a shutdown cut it), 499 when the client went
+    away (then no `[DONE]` is sent). While it runs, a shutdown may close its `upstreams`
+    (lifecycle.py).
     """
-    status, error_code = 200, ""
+    status, error_code, upstream_url = 200, "", ""
     active = ActiveStream(upstreams)
     active_streams.add(active)
     try:
@@ -118,6 +119,7 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
             error = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
         status = error.status_code if isinstance(error, OpenAIError) else 502
         error_code = getattr(error, "code", None) or "stream_error"
+        upstream_url = getattr(error, "upstream_url", "")
         yield sse_error(error)
     except BaseException:
         status, error_code = 499, "client_disconnected"
@@ -125,7 +127,7 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
     finally:
         active_streams.discard(active)
         await events.aclose()
-        await on_end(status, error_code)
+        await on_end(status, error_code, upstream_url)
     yield SSE_DONE
 
 
@@ -142,7 +144,8 @@ async def stream_response(events: AsyncIterator[bytes], upstreams: list[Any], ct
     """
     stream_started(ctx)
 
-    async def on_end(status: int, error_code: str) -> None:
+    async def on_end(status: int, error_code: str, upstream_url: str) -> None:
+        ctx.upstream_url = upstream_url
         try:
             ctx.add_usage(usage())
         except Exception:
