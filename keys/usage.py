@@ -254,17 +254,18 @@ class UsageWriter:
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop the thread and write what is left (at exit and on graceful shutdown), trying an
         unreachable database until `timeout`; what still cannot be written is logged as lost."""
+        written_before = self.written
         self._stopping.set()
-        self._wake.set()
+        self._wake.set()  # the thread writes what is queued, then ends
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
         deadline = self.clock() + timeout
-        written, pause = 0, 0.1
+        pause = 0.1
         while self.pending:
             try:
                 close_old_connections()
-                written += self.flush()
+                self.flush()
             except UNREACHABLE as exc:
                 if self.clock() + pause > deadline:
                     logger.error("Usage database unreachable at exit (%s): %d usage row(s) lost",
@@ -275,8 +276,8 @@ class UsageWriter:
             except Exception:
                 logger.exception("Usage flush at exit failed: %d usage row(s) lost", len(self.pending))
                 break
-        if written:
-            logger.info("Process %d wrote its %d queued usage row(s) at exit", os.getpid(), written)
+        if self.written > written_before:
+            logger.info("Process %d wrote its %d queued usage row(s) at exit", os.getpid(), self.written - written_before)
 
     def _run(self) -> None:
         next_prune = self.clock() + PRUNE_DELAY
