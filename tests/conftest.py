@@ -1,9 +1,42 @@
 """Test-wide settings."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from tests.services import under_services_wrapper
+from tests.services import ServiceUnavailable, require_service, under_services_wrapper
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "requires_service(name, available, reason): skip without the service, fail with CI=true"
+    )
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("requires_service"):
+        require_service(*mark.args, **mark.kwargs)
+
+
+@pytest.fixture(scope="module")
+def gateway_stack(request, tmp_path_factory) -> Iterator:
+    """FastChat's controller, demo workers and gateway processes for the end-to-end tests of
+    one module, as its module-level STACK (a tests.gateway_process.StackSpec) describes them;
+    stopped after the module's last test."""
+    from tests.gateway_process import StackSpec, running_stack
+
+    spec = getattr(request.module, "STACK", StackSpec())
+    tmp = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    try:
+        context = running_stack(tmp, spec)
+        stack = context.__enter__()
+    except ServiceUnavailable as exc:
+        require_service("PostgreSQL and Redis", False, str(exc))
+    try:
+        yield stack
+    finally:
+        context.__exit__(None, None, None)
 
 
 @pytest.fixture(autouse=True, scope="session")

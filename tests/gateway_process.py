@@ -1,13 +1,26 @@
-"""Start the gateway itself as a real server process (daphne or uvicorn) for end-to-end tests."""
+"""Start the gateway itself as a real server process (daphne or uvicorn) for end-to-end tests,
+alone or as part of a whole stack: FastChat's controller, demo workers and gateway processes
+(running_stack, behind the `gateway_stack` fixture of tests/conftest.py)."""
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import REPO_ROOT, free_port, start_process, stop_process, wait_for_port
+from tests.procs import (
+    REPO_ROOT,
+    free_port,
+    start_controller,
+    start_demo_worker,
+    start_process,
+    stop_process,
+    wait_for_models,
+    wait_for_port,
+)
+from tests.services import Services, services
 
 HOST = "127.0.0.1"
 
@@ -85,3 +98,67 @@ def start_gateway(tmp_path: Path, controller_url: str, server: str = "daphne",
         gateway.stop()
         raise
     return gateway
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One demo worker: the models it serves and its extra flags (openai_api/demo_worker.py)."""
+
+    models: tuple[str, ...]
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """What a test module needs running (its module-level STACK, read by the fixture)."""
+
+    workers: tuple[WorkerSpec, ...] = (WorkerSpec(("demo-chat",)),)
+    gateways: int = 1
+    server: str = "daphne"
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Throwaway PostgreSQL and Redis shared by the gateways (else each has its own SQLite file).
+    backends: bool = False
+
+
+@dataclass
+class Stack:
+    """A running stack: the controller, the workers (in StackSpec order) and the gateways."""
+
+    tmp: Path
+    controller_url: str
+    worker_urls: list[str]
+    gateways: list[Gateway]
+    backends: Services | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.gateways[0]
+
+
+@contextmanager
+def running_stack(tmp: Path, spec: StackSpec) -> Iterator[Stack]:
+    """Start everything `spec` asks for, each process logging into `tmp`; stop it all, in the
+    reverse order, when the block ends. Raises ServiceUnavailable if the backends cannot run."""
+    with ExitStack() as cleanup:
+        backends = cleanup.enter_context(services()) if spec.backends else None
+        controller_port = free_port()
+        controller_url = f"http://127.0.0.1:{controller_port}"
+        controller = start_controller(controller_port, log_path=tmp / "controller.log")
+        cleanup.callback(stop_process, controller)
+        worker_urls = []
+        for i, worker in enumerate(spec.workers):
+            port = free_port()
+            process = start_demo_worker(port, controller_url, worker.models, extra_args=worker.extra_args,
+                                        log_path=tmp / f"worker{i}.log")
+            cleanup.callback(stop_process, process)
+            worker_urls.append(f"http://127.0.0.1:{port}")
+        wait_for_models(controller_url, [model for worker in spec.workers for model in worker.models], timeout=20)
+        env = {**(backends.env if backends else {}), **spec.env}
+        gateways = []
+        for i in range(spec.gateways):
+            directory = tmp / f"gateway{i}"
+            directory.mkdir()
+            gateway = start_gateway(directory, controller_url, server=spec.server, extra_env=env)
+            cleanup.callback(gateway.stop)
+            gateways.append(gateway)
+        yield Stack(tmp, controller_url, worker_urls, gateways, backends)

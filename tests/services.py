@@ -44,7 +44,7 @@ BACKENDS_ENV = "GATEWAY_TEST_BACKENDS"
 
 
 class ServiceUnavailable(RuntimeError):
-    """The server binary is missing or cannot run here (tests skip on it)."""
+    """The server binary is missing or cannot run here (tests skip on it, or fail with CI=true)."""
 
 
 def pg_bin_dir() -> Path:
@@ -213,6 +213,32 @@ def services() -> Iterator[Services]:
         pg = stack.enter_context(postgres())
         redis = stack.enter_context(redis_server())
         yield Services(pg, redis)
+
+
+def running_in_ci() -> bool:
+    """CI=true (as CI systems set it): every service the tests use must be there."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_service(name: str, available: bool, reason: str = "") -> None:
+    """Skip the running test when the service `name` is missing; with CI=true, fail it
+    instead, so a machine that lacks a service cannot pass by skipping what needs it."""
+    if available:
+        return
+    import pytest
+
+    message = f"{name} is not available" + (f" ({reason})" if reason else "")
+    if running_in_ci():
+        pytest.fail(f"{message}; CI=true, so the tests that need it fail rather than skip", pytrace=False)
+    pytest.skip(message)
+
+
+def requires_service(name: str, available: bool, reason: str = ""):
+    """A mark for tests or modules: require_service() runs before each test it marks
+    (tests/conftest.py), not at import, so deselected tests never look."""
+    import pytest
+
+    return pytest.mark.requires_service(name, available, reason)
 
 
 def under_services_wrapper() -> bool:

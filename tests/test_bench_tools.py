@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.procs import free_port, start_demo_worker, stop_process
+from tests.services import requires_service
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +78,7 @@ class CannedAPI(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk is not installed")
+@requires_service("wrk", shutil.which("wrk") is not None)
 @pytest.mark.parametrize("failing", [False, True])
 def test_wrkgen_counts_answers_and_failures(failing):
     server = ThreadingHTTPServer(("127.0.0.1", 0), CannedAPI)

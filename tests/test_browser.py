@@ -10,13 +10,13 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import Gateway, start_gateway
-from tests.procs import REPO_ROOT, free_port, start_controller, start_demo_worker, stop_process, wait_for_models
+from tests.gateway_process import Gateway, StackSpec, WorkerSpec
+from tests.procs import REPO_ROOT
+from tests.services import requires_service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -28,30 +28,19 @@ PLAINTEXT = re.compile(r"^sk-[A-Za-z0-9_-]{43}$")
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-    pytest.mark.skipif(shutil.which("curl") is None, reason="no curl"),
+    requires_service("Chromium", Path(CHROMIUM).exists(), f"no {CHROMIUM}"),
+    requires_service("curl", shutil.which("curl") is not None),
 ]
 
 
+STACK = StackSpec(workers=(WorkerSpec((MODEL,)),), env={"DJANGO_SUPERUSER_PASSWORD": PASSWORD})
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("browser")
-    controller_port, worker_port = free_port(), free_port()
-    controller_url = f"http://127.0.0.1:{controller_port}"
-    processes = [start_controller(controller_port, log_path=tmp / "controller.log")]
-    server: Gateway | None = None
-    try:
-        processes.append(start_demo_worker(worker_port, controller_url, [MODEL], log_path=tmp / "worker.log"))
-        wait_for_models(controller_url, [MODEL], timeout=20)
-        server = start_gateway(tmp, controller_url, server="daphne",
-                               extra_env={"DJANGO_SUPERUSER_PASSWORD": PASSWORD})
-        server.manage("createsuperuser", "--noinput", "--username", USERNAME, "--email", "admin@example.com")
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        for process in reversed(processes):
-            stop_process(process)
+def gateway(gateway_stack) -> Gateway:
+    server = gateway_stack.gateway
+    server.manage("createsuperuser", "--noinput", "--username", USERNAME, "--email", "admin@example.com")
+    return server
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The official openai client, sync and async, against a real gateway process (daphne) in
-front of FastChat's real controller and the demo worker (acceptance points 1 and 3)."""
+front of FastChat's real controller and the demo worker."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway_process import Gateway, start_gateway
-from tests.procs import free_port, start_controller, start_demo_worker, stop_process, wait_for_models
+from tests.gateway_process import StackSpec, WorkerSpec
+from tests.procs import free_port, start_demo_worker, wait_for_models
 
 pytestmark = pytest.mark.e2e
 
@@ -20,27 +20,17 @@ WORKER_TIMEOUT = 2
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
+STACK = StackSpec(
+    workers=(WorkerSpec((CHAT_MODEL, EMBED_MODEL)), WorkerSpec((FAULT_MODEL,))),
+    env={"FASTCHAT_WORKER_API_TIMEOUT": str(WORKER_TIMEOUT)},
+)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    controller_port, worker_port, fault_port = free_port(), free_port(), free_port()
-    controller_url = f"http://127.0.0.1:{controller_port}"
-    processes = [start_controller(controller_port, log_path=tmp / "controller.log")]
-    gateway: Gateway | None = None
-    try:
-        processes.append(start_demo_worker(worker_port, controller_url, [CHAT_MODEL, EMBED_MODEL],
-                                           log_path=tmp / "worker.log"))
-        processes.append(start_demo_worker(fault_port, controller_url, [FAULT_MODEL], log_path=tmp / "fault.log"))
-        wait_for_models(controller_url, [CHAT_MODEL, EMBED_MODEL, FAULT_MODEL], timeout=20)
-        gateway = start_gateway(tmp, controller_url, server="daphne",
-                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": str(WORKER_TIMEOUT)})
-        yield {"gateway": gateway, "key": gateway.create_key("e2e"), "controller_url": controller_url,
-               "fault_worker": f"http://127.0.0.1:{fault_port}"}
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        for process in reversed(processes):
-            stop_process(process)
+def stack(gateway_stack) -> dict:
+    gateway = gateway_stack.gateway
+    return {"gateway": gateway, "key": gateway.create_key("e2e"), "controller_url": gateway_stack.controller_url,
+            "fault_worker": gateway_stack.worker_urls[1]}
 
 
 @pytest.fixture

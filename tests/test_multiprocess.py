@@ -14,16 +14,13 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
 from keys.hashing import hash_key
-from tests.gateway_process import Gateway, start_gateway
-from tests.procs import free_port, start_controller, start_demo_worker, stop_process, wait_for_models
-from tests.services import ServiceUnavailable, postgres, redis_server
+from tests.gateway_process import Gateway, StackSpec, WorkerSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -33,34 +30,17 @@ CHAT = "/v1/chat/completions"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
+STACK = StackSpec(
+    workers=(WorkerSpec((MODEL,), ("--limit-worker-concurrency", "64")),),
+    gateways=2, server="uvicorn", backends=True,
+    env={"FASTCHAT_WORKER_API_TIMEOUT": str(WORKER_TIMEOUT)},
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("multiprocess")
-    processes, gateways = [], []
-    try:
-        with postgres() as pg, redis_server() as redis:
-            controller_port, worker_port = free_port(), free_port()
-            controller_url = f"http://127.0.0.1:{controller_port}"
-            try:
-                processes.append(start_controller(controller_port, log_path=tmp / "controller.log"))
-                processes.append(start_demo_worker(worker_port, controller_url, [MODEL], log_path=tmp / "worker.log",
-                                                   extra_args=["--limit-worker-concurrency", "64"]))
-                wait_for_models(controller_url, [MODEL], timeout=20)
-                env = {"DATABASE_URL": pg.url, "REDIS_URL": redis.url,
-                       "FASTCHAT_WORKER_API_TIMEOUT": str(WORKER_TIMEOUT)}
-                for name in ("a", "b"):  # the second migrate finds nothing to do
-                    directory = tmp / name
-                    directory.mkdir()
-                    gateways.append(start_gateway(directory, controller_url, server="uvicorn", extra_env=env))
-                yield {"gateways": gateways, "pg": pg, "redis": redis, "tmp": tmp,
-                       "worker": f"http://127.0.0.1:{worker_port}"}
-            finally:
-                for gateway in gateways:
-                    gateway.stop()
-                for process in reversed(processes):
-                    stop_process(process)
-    except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+def cluster(gateway_stack) -> dict:
+    return {"gateways": gateway_stack.gateways, "pg": gateway_stack.backends.pg,
+            "redis": gateway_stack.backends.redis, "worker": gateway_stack.worker_urls[0]}
 
 
 @pytest.fixture
@@ -255,6 +235,6 @@ def test_parallel_slots_come_back_after_worker_timeouts(cluster, worker):
 
 
 def test_the_gateways_logged_no_errors(cluster):
-    for name in ("a", "b"):
-        log = Path(cluster["tmp"] / name / "gateway-uvicorn.log").read_text()
+    for gateway in cluster["gateways"]:
+        log = gateway.log_path.read_text()
         assert "Traceback" not in log, log[-3000:]

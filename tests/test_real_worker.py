@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,11 @@ import httpx
 import openai
 import pytest
 
-pytestmark = [pytest.mark.real_worker, pytest.mark.e2e]
+from tests.services import requires_service
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+MISSING = [name for name in ("torch", "transformers", "accelerate") if find_spec(name) is None]
+pytestmark = [pytest.mark.real_worker, pytest.mark.e2e,
+              requires_service("torch", not MISSING, f"missing: {', '.join(MISSING)}")]
 
 from aiohttp import ClientSession, ClientTimeout, web  # noqa: E402
 

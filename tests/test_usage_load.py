@@ -23,7 +23,7 @@ import pytest
 from keys.hashing import hash_key
 from tests.gateway_process import start_gateway
 from tests.procs import free_port, start_controller, start_demo_worker, stop_process, wait_for_models
-from tests.services import HOST, ServiceUnavailable, postgres
+from tests.services import HOST, ServiceUnavailable, postgres, require_service
 
 pytestmark = pytest.mark.e2e
 
@@ -135,7 +135,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
                 for process in reversed(processes):
                     stop_process(process)
     except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+        require_service("PostgreSQL", False, str(exc))
 
 
 async def plain_request(session: aiohttp.ClientSession) -> dict:
