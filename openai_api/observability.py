@@ -55,7 +55,8 @@ OTHER = "other"
 # Error codes the gateway sets without an error class of its own (the classes' codes are added).
 ERROR_CODES = frozenset({
     "missing_api_key", "revoked_api_key", "expired_api_key", "model_not_allowed", "invalid_value",
-    "unsupported_parameter", "unknown_url", "worker_unreachable", "controller_unreachable",
+    "invalid_type", "missing_required_parameter", "unsupported_parameter", "json_too_deep",
+    "json_too_large", "unknown_url", "worker_unreachable", "controller_unreachable",
     "worker_out_of_memory", "server_shutting_down", "stream_error", "client_disconnected",
 })
 

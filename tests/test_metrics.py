@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from pathlib import Path
 
 from django.test import override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
+from keys.models import APIKey
+from openai_api.auth import key_cache
+from openai_api.observability import endpoint_label, error_codes
 from tests.base import GatewayTestCase
 from tests.sse import read_stream
 
@@ -68,3 +74,72 @@ class MetricsTests(GatewayTestCase):
         self.assertEqual((line["status"], line["model"], line["key"]), (200, "m1", self.key.prefix))
         self.assertGreater(line["completion_tokens"], 0)
         self.assertNotIn(self.plaintext, "\n".join(logs.output))
+
+
+class LabelTests(GatewayTestCase):
+    """Label values come from closed sets, whatever clients send."""
+
+    async def series(self) -> set[tuple]:
+        response = await self.async_client.get("/metrics")
+        self.assertEqual(response.status_code, 200)
+        return set(samples(response.content.decode()))
+
+    async def test_300_random_model_names_add_a_handful_of_series(self):
+        async def random_models(count: int) -> None:
+            for _ in range(count):
+                response = await self.post(CHAT, {**BODY, "model": f"nope-{secrets.token_hex(8)}"})
+                self.assertError(response, 404, code="model_not_found")
+                # and a path under a parametrised route
+                self.assertEqual((await self.get(f"/v1/models/nope-{secrets.token_hex(8)}")).status_code, 404)
+
+        await self.post(CHAT, BODY)
+        start = await self.series()
+        await random_models(1)
+        first = await self.series()
+        await random_models(299)
+        added = await self.series() - first
+        print(f"the first request with a random model added {len(first - start)} samples "
+              f"(buckets included), the next 299 added {len(added)}")
+        self.assertEqual(added, set())
+        self.assertLessEqual(len({(name, labels) for name, labels in first - start
+                                  if not name.endswith(("_bucket", "_created"))}), 20)
+        models = {dict(labels).get("model") for _, labels in first - start} - {None}
+        self.assertEqual(models, {"other", ""})
+        after = samples((await self.async_client.get("/metrics")).content.decode())
+        chat_404 = ("gateway_requests_total", (("endpoint", CHAT), ("model", "other"), ("status", "404")))
+        self.assertGreaterEqual(after[chat_404], 300)
+
+    async def test_endpoints_are_route_templates(self):
+        before = await self.series()
+        response = await self.post("/v1/engines/embed/embeddings", {"input": ["a"]})
+        self.assertEqual(response.status_code, 200, response.content)
+        endpoints = {dict(labels).get("endpoint") for _, labels in await self.series() - before}
+        self.assertIn("/v1/engines/{model}/embeddings", endpoints)
+        self.assertFalse([e for e in endpoints if e and "embed/" in e])
+
+    async def test_models_a_key_names_keep_their_name(self):
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(allowed_models=["m1", "retired"])
+        key_cache.clear()
+        await self.post(CHAT, {**BODY, "model": "retired"})  # named by the key, served by no worker
+        labels = samples((await self.async_client.get("/metrics")).content.decode())
+        self.assertIn(("gateway_requests_total", (("endpoint", CHAT), ("model", "retired"), ("status", "404"))), labels)
+
+    def test_label_decisions_are_cached(self):
+        self.assertEqual(endpoint_label("/v1/engines/x/embeddings"), "/v1/engines/{model}/embeddings")
+        self.assertEqual(endpoint_label("/v1/models/a/b"), "/v1/models/{model}")
+        self.assertEqual(endpoint_label("/v1/no-such-route"), "other")
+        hits = endpoint_label.cache_info().hits
+        endpoint_label("/v1/engines/x/embeddings")
+        self.assertEqual(endpoint_label.cache_info().hits, hits + 1)
+
+    def test_every_error_code_the_gateway_sets_is_a_known_label(self):
+        """Codes given as literals in the code (code="...", ctx.finish(status, "...")) must be in
+        the closed set, or their requests would be counted as "other"."""
+        found = set()
+        for path in (Path(__file__).resolve().parent.parent / "openai_api").glob("*.py"):
+            text = path.read_text()
+            found |= set(re.findall(r'\bcode="([a-z_]+)"', text))
+            found |= set(re.findall(r'finish\(\d+, "([a-z_]+)"\)', text))
+            found |= set(re.findall(r'error_code = "([a-z_]+)"', text))
+        self.assertGreater(len(found), 5)
+        self.assertEqual(found - error_codes(), set())
