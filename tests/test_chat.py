@@ -54,6 +54,13 @@ class ChatCompletionTests(GatewayTestCase):
         prompt_tokens = len(params["prompt"].split()) + 1
         self.assertEqual(params["max_new_tokens"], 64 - prompt_tokens)
 
+    async def test_a_max_tokens_beyond_the_context_is_lowered_to_what_it_leaves_like_fastchat(self):
+        self.fake.context_length = 64
+        response = await self.post(URL, chat(max_tokens=1_000_000))
+        self.assertEqual(response.status_code, 200, response.content)
+        params = self.fake.payloads("/worker_generate_stream")[0]
+        self.assertEqual(params["max_new_tokens"], 64 - (len(params["prompt"].split()) + 1))
+
     async def test_it_streams_complete_chunks(self):
         response = await self.post(URL, chat(stream=True, stream_options={"include_usage": True}))
         self.assertEqual(response.status_code, 200)
