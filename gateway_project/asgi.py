@@ -22,8 +22,8 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from keys.live import websocket_urlpatterns  # noqa: E402
-from keys.usage import usage_lifespan  # noqa: E402
 from openai_api.handler import APIHandler, route_by_path  # noqa: E402
+from openai_api.lifecycle import lifespan  # noqa: E402
 
 application = ProtocolTypeRouter({
     "http": route_by_path(
@@ -33,8 +33,9 @@ application = ProtocolTypeRouter({
     ),
     # The admin's live usage view (staff only, session-authenticated).
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-    # Server shutdown (uvicorn, every worker process): the queued usage rows are written.
-    "lifespan": usage_lifespan,
+    # Server shutdown (uvicorn, every worker process): upstream connections are closed and
+    # the queued usage rows written.
+    "lifespan": lifespan,
 })
 
 

@@ -62,6 +62,14 @@ def get_transport() -> httpx.AsyncBaseTransport:
     return transport
 
 
+async def close_transport() -> None:
+    """Close the running loop's pooled transport (its aiohttp session and connections), at
+    server shutdown: left to the garbage collector, aiohttp logs "Unclosed client session"."""
+    transport = _transports.pop(asyncio.get_running_loop(), None)
+    if transport is not None and transport is not _test_transport:
+        await transport.aclose()
+
+
 def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None:
     """Forget pooled transports; the next call uses `transport` (tests pass a fake)."""
     global _test_transport

@@ -42,7 +42,9 @@ class Command(BaseCommand):
         # SIGTERM (kill, systemctl stop) must stop the controller and worker too: the server
         # restores this handler after draining and raises the signal again, so the finally
         # clause below runs instead of the process dying with its children orphaned.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        # Ctrl-C (SIGINT) likewise ends the demo cleanly, without a KeyboardInterrupt traceback.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda signum, frame: sys.exit(0))
         call_command("migrate", interactive=False, verbosity=0)
         controller = f"http://127.0.0.1:{options['controller_port']}"
         logdir = tempfile.mkdtemp(prefix="gateway-demo-")
