@@ -4,7 +4,7 @@ The request path only appends to a deque (no database, no await, no lock), so no
 on a usage write. The writer thread flushes every USAGE_FLUSH_SECONDS or USAGE_BATCH_SIZE events,
 a batch per transaction: the rows, the daily roll-ups and the keys' last-used times.
 
-Nothing wedges it (docs/reliability.md):
+Nothing wedges it (README, "Usage rows"):
 - events are bounded to the columns when they are made (keys/usage_event.py);
 - a batch the database refuses is halved until the refused rows are alone; each of those is set
   aside (logged, counted in /metrics) and the others are written;
