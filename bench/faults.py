@@ -406,16 +406,9 @@ class Stack:
 
 def render_nginx(directory: Path, listen: int, upstream_ports: list[int]) -> Path:
     """deploy/nginx/gateway.conf with its placeholders filled, in a minimal nginx.conf."""
-    directory.mkdir(parents=True, exist_ok=True)
-    site = (REPO_ROOT / "deploy/nginx/gateway.conf").read_text()
-    for placeholder, value in {
-        "{{listen}}": f"{HOST}:{listen}",
-        "{{upstream_servers}}": " ".join(f"server {HOST}:{port};" for port in upstream_ports),
-        "{{static_root}}": str(directory / "static"),
-        "{{log_dir}}": str(directory),
-    }.items():
-        site = site.replace(placeholder, value)
-    (directory / "site.conf").write_text(site)
+    from tests.test_nginx import render_site
+
+    site = render_site(directory, listen, upstream_ports)
     conf = directory / "nginx.conf"
     conf.write_text(f"""daemon off;
 worker_processes 1;
@@ -426,7 +419,7 @@ http {{
     access_log off;
     client_body_temp_path {directory}/body;
     proxy_temp_path {directory}/proxy;
-    include {directory}/site.conf;
+    include {site};
 }}
 """)
     return conf
