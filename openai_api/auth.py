@@ -152,7 +152,7 @@ class KeyCache:
         try:
             return await asyncio.wait_for(self._loads.run(digest, lambda: self._load(digest, gated=True)),
                                           self.lookup_timeout)
-        except TimeoutError:
+        except TimeoutError:  # waiting for its turn, or for the database
             raise self._unavailable() from None
 
     async def _load(self, digest: str, gated: bool = False) -> KeyInfo | None:
@@ -173,10 +173,14 @@ class KeyCache:
     async def _query(self, digest: str) -> KeyInfo | None:
         # Stamped before the query: a change committed while it runs is seen within the TTL.
         loaded_at = self.clock()
+        query = asyncio.ensure_future(sync_to_async(load_key, thread_sensitive=True)(digest))
         try:
-            info = await sync_to_async(load_key, thread_sensitive=True)(digest)
-        except DatabaseError as exc:
+            info = await asyncio.wait_for(asyncio.shield(query), self.lookup_timeout)
+        except (DatabaseError, TimeoutError) as exc:
+            # A database that fails or does not answer in time (the thread stays with it): the
+            # next look-ups do not wait for it too.
             self._database_failed(exc)
+            query.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise self._unavailable() from None
         if self._outage:
             self._outage = False

@@ -53,8 +53,8 @@ class FloodTests(GatewayTestCase):
 
         async def flood() -> None:
             tokens = [f"sk-{secrets.token_urlsafe(24)}" for _ in range(20_000)]
-            for start in range(0, len(tokens), 2000):  # 2,000 in flight at a time
-                await asyncio.gather(*(attacker(token) for token in tokens[start:start + 2000]))
+            for start in range(0, len(tokens), 1000):  # 1,000 in flight at a time
+                await asyncio.gather(*(attacker(token) for token in tokens[start:start + 1000]))
 
         latencies = []
         with mock.patch.object(auth, "load_key", counting_load_key), \
@@ -75,11 +75,11 @@ class FloodTests(GatewayTestCase):
         self.assertEqual(outcomes["200"], 0)
         self.assertGreater(loads["random"], 10_000)  # the flood really reached the database
         self.assertGreater(len(latencies), 20)
-        # Refreshed every 50 ms (one request in five), not served stale.
+        # Refreshed every 50 ms (one request in five), not served stale: behind the flood's
+        # queries, refreshes would wait until REFRESH_WAIT and few would land.
         self.assertGreater(loads["valid"], len(latencies) // 8)
         self.assertLess(statistics.median(latencies), 0.05)
-        # Behind 2,000 queued queries it would wait about a second.
-        self.assertLess(max(latencies), 0.3)
+        self.assertLess(max(latencies), auth.REFRESH_WAIT)
         self.assertLessEqual(len(key_cache._unknown), 5000)
         self.assertIn(digest, key_cache._known)
 
