@@ -16,7 +16,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from openai_api.endpoint import api_endpoint, json_response
-from openai_api.protocol import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_MIN, TOKEN_ID_MAX
+from openai_api.protocol import INT32_MAX, INT64_MAX, INT64_MIN, TOKEN_ID_MAX
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/"
@@ -87,6 +87,26 @@ def unsupported_properties() -> dict[str, Schema]:
     }
 
 
+def content(max_chars: int, *parts: Schema) -> Schema:
+    """A message's content: a string or an array of parts."""
+    return {"anyOf": [text(max_chars), {"type": "array", "maxItems": settings.GATEWAY_MAX_CONTENT_PARTS,
+                                         "items": {"anyOf": list(parts)}}]}
+
+
+def message(roles: list[str], content_schema: Schema, required: bool) -> Schema:
+    """Images only in user messages; content may be left out only by the assistant."""
+    return {
+        "type": "object",
+        "required": ["role", "content"] if required else ["role"],
+        "properties": {
+            "role": {"enum": roles},
+            "content": content_schema,
+            "name": {"type": "string"},
+            "tool_calls": nullable({"type": "array", "maxItems": 0}),
+        },
+    }
+
+
 def schemas() -> dict[str, Schema]:
     max_chars = settings.GATEWAY_MAX_CONTENT_CHARS
     token_ids = {"type": "array", "minItems": 1,
@@ -129,22 +149,10 @@ def schemas() -> dict[str, Schema]:
                                     {"type": "object", "required": ["url"],
                                      "properties": {"url": {"type": "string", "minLength": 1}}}]},
         }},
-        "Message": {
-            "type": "object",
-            "required": ["role"],
-            "description": "content is required except for assistant messages; image parts only in user messages.",
-            "properties": {
-                "role": {"enum": sorted(CHAT_ROLES)},
-                "content": {"anyOf": [
-                    text(max_chars),
-                    {"type": "array", "maxItems": settings.GATEWAY_MAX_CONTENT_PARTS,
-                     "items": {"anyOf": [ref("TextPart"), ref("ImagePart")]}},
-                    {"type": "null"},
-                ]},
-                "name": {"type": "string"},
-                "tool_calls": nullable({"type": "array", "maxItems": 0}),
-            },
-        },
+        "Message": {"anyOf": [ref("UserMessage"), ref("SystemMessage"), ref("AssistantMessage")]},
+        "UserMessage": message(["user"], content(max_chars, ref("TextPart"), ref("ImagePart")), required=True),
+        "SystemMessage": message(["system", "developer"], content(max_chars, ref("TextPart")), required=True),
+        "AssistantMessage": message(["assistant"], nullable(content(max_chars, ref("TextPart"))), required=False),
         "ChatCompletionRequest": {
             "type": "object",
             "required": ["model", "messages"],
