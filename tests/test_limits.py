@@ -1,11 +1,17 @@
 """Per-key limits through the API (memory store) and the store's own contract."""
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import httpx
+from django.db import OperationalError
+from django.test import SimpleTestCase, override_settings
 
 from keys.exceptions import LimitExceeded
-from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store
+from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store, reset_limit_store
 from keys.models import APIKey
+from openai_api.accounting import limit_error
 from openai_api.auth import key_cache
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
@@ -127,3 +133,60 @@ class MemoryStoreTests(GatewayTestCase):
 
     def test_reset_times_use_openais_format(self):
         self.assertEqual([format_reset(s) for s in (0.02, 1.5, 360)], ["20ms", "1.5s", "6m0s"])
+
+
+class UnavailableLimitsTests(GatewayTestCase):
+    """A budget whose usage cannot be read (the database down): 503, or admitted failing open."""
+
+    def setUp(self):
+        super().setUp()
+
+        async def database_down(limits):
+            raise OperationalError("connection refused")
+
+        reset_limit_store(MemoryLimitStore(load_budget_used=database_down))
+
+    async def test_a_key_whose_limits_cannot_be_checked_gets_503(self):
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(token_budget=1000)
+        key_cache.clear()
+        response = await self.post(CHAT, BODY)
+        body = self.assertError(response, 503, code="limits_unavailable")
+        self.assertEqual(response["Retry-After"], "1")
+        self.assertNotIn("connection refused", body["message"])
+
+    @override_settings(GATEWAY_LIMITS_FAIL_OPEN=True)
+    async def test_failing_open_admits_it(self):
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(token_budget=1000)
+        key_cache.clear()
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+
+class LimitErrorTests(SimpleTestCase):
+    """How the API maps what keys/ raises."""
+
+    def test_each_kind_maps_to_its_429(self):
+        limits = Limits(1, requests_per_minute=3, tokens_per_minute=10, parallel_requests=1, token_budget=5)
+        headers = {"x-ratelimit-limit-requests": "3"}
+        requests = limit_error(LimitExceeded("requests", limits, 12.2, headers))
+        self.assertEqual((requests.status_code, requests.error_type, requests.code), (429, "requests", "rate_limit_exceeded"))
+        self.assertEqual(requests.headers, {"Retry-After": "13", "x-ratelimit-limit-requests": "3"})
+        self.assertEqual(limit_error(LimitExceeded("tokens", limits, 0.2, {})).error_type, "tokens")
+        self.assertEqual(limit_error(LimitExceeded("tokens", limits, 0.2, {})).headers["Retry-After"], "1")
+        self.assertIn("at most 1", limit_error(LimitExceeded("parallel", limits, 1, {})).message)
+        budget = limit_error(LimitExceeded("budget", limits, 0, headers))
+        self.assertEqual((budget.code, budget.headers["x-should-retry"]), ("insufficient_quota", "false"))
+        self.assertNotIn("Retry-After", budget.headers)
+        with self.assertRaises(ValueError):
+            LimitExceeded("galaxies", limits, 0, {})
+
+    def test_keys_never_imports_openai_api(self):
+        """keys/ is the domain; the API face maps its exceptions (comments may name openai_api)."""
+        keys_dir = Path(__file__).resolve().parent.parent / "keys"
+        offenders = []
+        for path in keys_dir.rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path.relative_to(keys_dir)}: {name}" for name in names if name.split(".")[0] == "openai_api"]
+        self.assertEqual(offenders, [])
