@@ -19,7 +19,6 @@ from openai_api.errors import OpenAIError, error_body
 logger = logging.getLogger(__name__)
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NO_BODY = b""
 
 
@@ -36,12 +35,12 @@ class APIHandler(ASGIHandler):
       cache, usage is written by a thread of its own, both recycle their own connections); its
       responses hold no resources to close (streams close their generator themselves). The rest
       follows Django 5.2's ASGIHandler.handle.
-    - The body is read into memory only when the request can use it: not before its key is
-      known to be good (a bad key gets its 401 without a byte of a 16 MB body read), and never
-      past GATEWAY_MAX_BODY_BYTES, whatever Content-Length says or whether there is one (chunked
-      bodies are counted as they arrive). A body that is too big is left unread and the request
-      goes on with its length noted, so the view answers 413 as it answers every other error:
-      with the request id, the key's usage row, metrics and the access log.
+    - The body is read only when the request can use it: not past the server's first message
+      before the key is known to be good (a bad key's 16 MB body is not read, see take_body),
+      and never past GATEWAY_MAX_BODY_BYTES, whatever Content-Length says or whether there is
+      one (chunked bodies are counted as they arrive). A body that is too big is left unread
+      and the request goes on with its length noted, so the view answers 413 as it answers
+      every other error: with the request id, the key's usage row, metrics and the access log.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -149,36 +148,44 @@ async def key_is_good(authorization: bytes) -> bool:
 async def take_body(scope: dict, receive: Any) -> tuple[bytes | None, int]:
     """(the body, 0) when it is read whole; (None, its length, as declared or counted so far)
     when it is too big; (None, 0) when the key is bad. RequestAborted if the client leaves
-    while sending it."""
+    while sending it.
+
+    The server's first body message is taken as it comes: it holds what the server has
+    already read, which for a usual request is the whole body (so the hot path checks no key
+    here). Only when more is to come is the key checked before another byte is read.
+    """
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     declared, authorization = body_headers(scope)
     if declared > limit:
         return None, declared
-    may_have_body = declared > 0 or (declared < 0 and scope["method"] in BODY_METHODS)
-    if may_have_body and not await key_is_good(authorization):
+    first = await receive_part(receive)
+    chunk = first.get("body", NO_BODY)
+    if not first.get("more_body", False):
+        return (chunk, 0) if len(chunk) <= limit else (None, len(chunk))
+    if not await key_is_good(authorization):
         return None, 0
-    return await read_body_within(receive, limit)
+    return await read_rest_within(receive, chunk, limit)
 
 
-async def read_body_within(receive: Any, limit: int) -> tuple[bytes | None, int]:
+async def receive_part(receive: Any) -> dict:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise RequestAborted()
+    return message
+
+
+async def read_rest_within(receive: Any, first: bytes, limit: int) -> tuple[bytes | None, int]:
     """(the body, 0), or (None, bytes received) as soon as more than `limit` bytes came,
     whatever Content-Length said (the rest is left unread)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestAborted()
+    chunks, size = [first], len(first)
+    while size <= limit:
+        message = await receive_part(receive)
         chunk = message.get("body", NO_BODY)
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                return None, size
-            chunks.append(chunk)
+        size += len(chunk)
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    if len(chunks) == 1:
-        return chunks[0], 0
-    return b"".join(chunks), 0
+            return (b"".join(chunks), 0) if size <= limit else (None, size)
+    return None, size
 
 
 async def send_error(send: Any, status: int, error: OpenAIError) -> None:

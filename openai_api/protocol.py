@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from openai_api.errors import ErrorCode, InvalidJSONError, InvalidRequestError
 from openai_api.json_shape import check_json_shape
@@ -33,13 +34,53 @@ TOKEN_ID_MAX = 2**32 - 1
 NOT_AN_OBJECT = "The request body must be a JSON object."
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The GATEWAY_MAX_* settings, read once (a Django setting costs a Python-level lookup)."""
+
+    json_depth: int
+    json_values: int
+    model_chars: int
+    generations: int
+    messages: int
+    content_parts: int
+    content_chars: int
+    stop: int
+    stop_chars: int
+    embedding_inputs: int
+    token_check_items: int
+
+    @classmethod
+    def from_settings(cls) -> Bounds:
+        return cls(
+            json_depth=settings.GATEWAY_MAX_JSON_DEPTH, json_values=settings.GATEWAY_MAX_JSON_VALUES,
+            model_chars=settings.GATEWAY_MAX_MODEL_CHARS, generations=settings.GATEWAY_MAX_GENERATIONS,
+            messages=settings.GATEWAY_MAX_MESSAGES, content_parts=settings.GATEWAY_MAX_CONTENT_PARTS,
+            content_chars=settings.GATEWAY_MAX_CONTENT_CHARS, stop=settings.GATEWAY_MAX_STOP,
+            stop_chars=settings.GATEWAY_MAX_STOP_CHARS, embedding_inputs=settings.GATEWAY_MAX_EMBEDDING_INPUTS,
+            token_check_items=settings.GATEWAY_MAX_TOKEN_CHECK_ITEMS,
+        )
+
+
+bounds = Bounds.from_settings()
+
+
+def reread_bounds(*, setting: str, **kwargs: Any) -> None:
+    global bounds
+    if setting.startswith("GATEWAY_MAX_"):
+        bounds = Bounds.from_settings()
+
+
+setting_changed.connect(reread_bounds)  # tests' override_settings
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The body as a dict; 400 before parsing if it is not an object or is too deep or too big."""
     first = raw[:1]
     if first != b"{" and raw.lstrip()[:1] != b"{":
         # Not an object: no need to parse it (a 16 MB array would cost a second) to say so.
         raise InvalidJSONError(NOT_AN_OBJECT if raw.strip() else InvalidJSONError.default_message)
-    check_json_shape(raw, settings.GATEWAY_MAX_JSON_DEPTH, settings.GATEWAY_MAX_JSON_VALUES)
+    check_json_shape(raw, bounds.json_depth, bounds.json_values)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -146,12 +187,12 @@ def get_stop(body: dict) -> list[str]:
         stop = [stop]
     elif isinstance(stop, list):
         # Workers test every stop string against the output after every token.
-        check_length("stop", stop, settings.GATEWAY_MAX_STOP)
+        check_length("stop", stop, bounds.stop)
         if not all(isinstance(item, str) for item in stop):
             raise type_error("stop", "a string or an array of strings", stop)
     else:
         raise type_error("stop", "a string or an array of strings", stop)
-    max_chars = settings.GATEWAY_MAX_STOP_CHARS
+    max_chars = bounds.stop_chars
     for item in stop:
         if len(item) > max_chars:
             raise range_error("stop", f"Each 'stop' sequence may have at most {max_chars} characters.")
@@ -180,7 +221,7 @@ def get_model(body: dict, path_model: str | None = None, param: str = "model") -
         raise missing_error(param)
     if not isinstance(model, str):
         raise type_error(param, "a string", model)
-    check_chars(param, model, settings.GATEWAY_MAX_MODEL_CHARS)
+    check_chars(param, model, bounds.model_chars)
     if not model.isprintable():
         raise range_error(param, f"Invalid '{param}': model names may not contain control characters.")
     return model
@@ -237,7 +278,7 @@ def parse_sampling(body: dict, max_tokens: int | None) -> Sampling:
     # FastChat's check order: max_tokens, n, temperature, top_p, top_k, stop.
     return Sampling(
         max_tokens=max_tokens,
-        n=get_int(body, "n", 1, minimum=1, maximum=settings.GATEWAY_MAX_GENERATIONS),
+        n=get_int(body, "n", 1, minimum=1, maximum=bounds.generations),
         temperature=get_float(body, "temperature", 0.7, minimum=0, maximum=2),
         top_p=get_float(body, "top_p", 1.0, minimum=0, maximum=1),
         top_k=get_top_k(body),
@@ -285,13 +326,13 @@ def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatRequest:
 def parse_messages(messages: Any) -> str | list[dict[str, Any]]:
     """A plain prompt string (FastChat allows it) or a list of normalised messages."""
     if isinstance(messages, str):
-        check_chars("messages", messages, settings.GATEWAY_MAX_CONTENT_CHARS)
+        check_chars("messages", messages, bounds.content_chars)
         return messages
     if not isinstance(messages, list):
         raise type_error("messages", "an array of messages", messages)
     if not messages:
         raise range_error("messages", "[] is too short - 'messages'")
-    check_length("messages", messages, settings.GATEWAY_MAX_MESSAGES)
+    check_length("messages", messages, bounds.messages)
     return [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
 
 
@@ -328,11 +369,11 @@ def required_in(obj: dict, name: str, where: str) -> str:
 
 def parse_content(content: Any, where: str, allow_images: bool) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
-        check_chars(where, content, settings.GATEWAY_MAX_CONTENT_CHARS)
+        check_chars(where, content, bounds.content_chars)
         return content
     if not isinstance(content, list):
         raise type_error(where, "a string or an array of content parts", content)
-    check_length(where, content, settings.GATEWAY_MAX_CONTENT_PARTS)
+    check_length(where, content, bounds.content_parts)
     return [parse_part(part, f"{where}[{i}]", allow_images) for i, part in enumerate(content)]
 
 
@@ -342,7 +383,7 @@ def parse_part(part: Any, where: str, allow_images: bool) -> dict[str, Any]:
     kind = required_in(part, "type", where)
     if kind == "text":
         text = required_in(part, "text", where)
-        check_chars(f"{where}.text", text, settings.GATEWAY_MAX_CONTENT_CHARS)
+        check_chars(f"{where}.text", text, bounds.content_chars)
         return {"type": "text", "text": text}
     if kind == "image_url" and allow_images:
         image = part.get("image_url")
@@ -362,7 +403,7 @@ def parse_prompt_input(value: Any, param: str, max_inputs: int) -> list[str] | l
 
     Returns a list of strings, or a list of token-id lists to be decoded (see tokens.py).
     """
-    max_chars = settings.GATEWAY_MAX_CONTENT_CHARS
+    max_chars = bounds.content_chars
     if isinstance(value, str):
         check_chars(param, value, max_chars)
         return [value]
@@ -404,7 +445,7 @@ class CompletionRequest:
 
 def parse_completion(body: dict) -> CompletionRequest:
     model = get_model(body)
-    max_generations = settings.GATEWAY_MAX_GENERATIONS
+    max_generations = bounds.generations
     prompts = parse_prompt_input(required(body, "prompt"), "prompt", max_generations)
     # `max_tokens: null` means the default, 16 (FastChat crashes on it).
     max_tokens = get_int(body, "max_tokens", 16, minimum=1, maximum=INT32_MAX)
@@ -454,7 +495,7 @@ def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsReq
         )
     return EmbeddingsRequest(
         model=model,
-        inputs=parse_prompt_input(required(body, "input"), "input", settings.GATEWAY_MAX_EMBEDDING_INPUTS),
+        inputs=parse_prompt_input(required(body, "input"), "input", bounds.embedding_inputs),
         encoding_format=encoding_format,
         user=get_str(body, "user"),
     )
@@ -474,8 +515,8 @@ def parse_token_check(body: dict) -> list[TokenCheckItem]:
     prompts = required(body, "prompts")
     if not isinstance(prompts, list):
         raise type_error("prompts", "an array", prompts)
-    check_length("prompts", prompts, settings.GATEWAY_MAX_TOKEN_CHECK_ITEMS)
-    max_chars = settings.GATEWAY_MAX_CONTENT_CHARS
+    check_length("prompts", prompts, bounds.token_check_items)
+    max_chars = bounds.content_chars
     items = []
     for i, item in enumerate(prompts):
         where = f"prompts[{i}]"
