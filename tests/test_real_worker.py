@@ -1,16 +1,17 @@
-"""The gateway in front of FastChat's REAL model_worker (acceptance point 7).
+"""The gateway in front of FastChat's REAL model_worker.
 
 FastChat 0.2.36's own `fastchat.serve.model_worker` runs on the CPU with tiny random Llama
-models built by tests/tiny_model.py (FASTCHAT_REFERENCE.md 22), behind FastChat's real
-controller; the gateway runs as a daphne process and is driven with the official openai client.
+models built by tests/tiny_model.py (docs/fastchat-protocol.md, "Worker failure modes"), behind
+FastChat's real controller; the gateway runs as a daphne process and is driven with the official
+openai client.
 
 * Two workers are reached through a recording HTTP proxy in this process: each worker registers
   the proxy's address with the controller (`--worker-address`), so the gateway talks to the proxy,
   which forwards everything to the worker and records every request body. That shows what the
   worker really received: the generate payloads are compared with what FastChat's own
   openai_api_server builds (its Conversation class, fed the template the worker itself serves),
-  and the requests that would wedge a worker (FASTCHAT_REFERENCE.md 22, item 1) are shown never
-  to reach it.
+  and the requests that would wedge a worker (docs/fastchat-protocol.md, "Worker failure
+  modes") are shown never to reach it.
 * A third worker, reached directly, is first wedged on purpose (five bad requests sent straight
   to it: the premise above, shown on the real thing), then SIGKILLed while the controller still
   lists it: the gateway must answer 503 JSON at once.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import struct
@@ -306,7 +308,7 @@ def fastchat_gen_params(conv_dict: dict[str, Any], model: str, messages: str | l
     else:
         for message in messages:
             role = message["role"]
-            if role in ("system", "developer"):  # SPEC.md 4: developer is treated as system
+            if role in ("system", "developer"):  # the gateway treats developer as system (docs/decisions.md)
                 conv.set_system_message(message["content"])
             elif role == "user":
                 if isinstance(message["content"], list):
@@ -544,9 +546,8 @@ def test_chat_payload_equals_fastchats(stack: Stack, client, model, case, stream
         assert finishes.get(0) in ("stop", "length")
     else:
         client.chat.completions.create(model=model, messages=messages, **request)
-    path = "/worker_generate_stream" if stream else "/worker_generate"
     [record] = proxy.since(mark, *GENERATE_PATHS)
-    assert record.path == path
+    assert record.path == "/worker_generate_stream"  # non-streamed answers are assembled from a stream too
     expected = fastchat_gen_params(fastchat_template(stack, model), model, messages, **request)
     assert_same_payload(record.body, expected, stop)
 
@@ -575,7 +576,7 @@ def test_completions_payload_equals_fastchats(stack: Stack, client, stream):
     if stream:
         list(result)
     records = proxy.since(mark, *GENERATE_PATHS)
-    assert {record.path for record in records} == {"/worker_generate_stream" if stream else "/worker_generate"}
+    assert {record.path for record in records} == {"/worker_generate_stream"}
     conv = fastchat_template(stack, VICUNA)
     # FastChat's non-streaming completions pass best_of and use_beam_search (default False); the
     # streaming path does not.
@@ -609,8 +610,67 @@ def test_max_tokens_is_clamped_to_the_context_like_fastchat(stack: Stack, client
     mark = proxy.mark()
     completion = client.completions.create(model=VICUNA, prompt=["short one", prompt], max_tokens=16, temperature=0)
     assert len(completion.choices) == 2
-    sent = [record.body for record in proxy.since(mark, "/worker_generate")]
+    sent = [record.body for record in proxy.since(mark, "/worker_generate_stream")]
     assert sorted(p["max_new_tokens"] for p in sent) == [CONTEXT_LENGTH - count] * 2
+
+
+def test_max_tokens_beyond_the_context_is_a_200_in_chat_too(stack: Stack, client):
+    proxy = stack.proxies[LLAMA2]
+    mark = proxy.mark()
+    completion = client.chat.completions.create(model=LLAMA2, messages=MESSAGES, max_tokens=10**6, temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    [sent] = [record.body for record in proxy.since(mark, "/worker_generate_stream")]
+    assert sent["max_new_tokens"] == CONTEXT_LENGTH - count_tokens(stack, LLAMA2, sent["prompt"])
+
+
+# A non-streamed request the gateway abandons frees the worker: FastChat's worker finishes a
+# /worker_generate generation whatever its client does, but stops a stream that is closed.
+
+def usage_rows(stack: Stack) -> list[tuple[int, int, int]]:
+    """(status, completion_tokens, streamed) of the gateway's usage rows, oldest first."""
+    import sqlite3
+
+    path = stack.gateway.env["DATABASE_URL"].removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT status, completion_tokens, streamed FROM keys_usagerecord ORDER BY id").fetchall()
+
+
+def seconds_until_idle(stack: Stack, model: str, timeout: float) -> float:
+    started = time.monotonic()
+    while worker_queue_length(stack, model) and time.monotonic() - started < timeout:
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_an_abandoned_non_streamed_request_frees_the_real_worker(stack: Stack, http):
+    body = {"model": VICUNA, "prompt": "def hello", "max_tokens": 1900, "temperature": 0}
+    # The same generation sent straight to the worker's /worker_generate, abandoned by its client,
+    # keeps the worker busy: the premise, shown on the real thing.
+    params = {"model": VICUNA, "prompt": "def hello", "temperature": 0.0, "max_new_tokens": 1900, "echo": False,
+              "stop": [], "stop_token_ids": None}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.worker(VICUNA) + "/worker_generate", json=params, timeout=0.5)
+    time.sleep(0.5)
+    if worker_queue_length(stack, VICUNA) == 0:
+        pytest.skip("the tiny model ended this generation within a second: nothing to abandon")
+    busy_for = seconds_until_idle(stack, VICUNA, timeout=120)
+    assert busy_for > 0.5
+
+    rows_before = len(usage_rows(stack))
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=1.0)
+    left_at = time.monotonic()
+    seconds_until_idle(stack, VICUNA, timeout=10)
+    freed_after = time.monotonic() - left_at
+    print(f"worker busy {busy_for:.1f} s after a /worker_generate client left; "
+          f"free {freed_after:.2f} s after a gateway client left")  # shown with pytest -s
+    assert freed_after < 1.5, "the worker kept generating after the client left"
+    deadline = time.monotonic() + 5
+    while len(usage_rows(stack)) == rows_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, completion_tokens, streamed = usage_rows(stack)[-1]
+    assert (status, streamed) == (499, 0)
+    assert completion_tokens > 0  # charged for what the worker produced before the client left
 
 
 def test_context_overflow_is_a_400_without_generation(stack: Stack, http):
