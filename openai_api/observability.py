@@ -61,10 +61,22 @@ ERROR_CODES = frozenset({
 })
 
 
-@functools.lru_cache(maxsize=512)
+_endpoint_labels: dict[str, str] = {}  # path -> label, for the first MAX_CACHED_PATHS paths seen
+MAX_CACHED_PATHS = 1024
+
+
 def endpoint_label(path: str) -> str:
     """The route a path matched, as its template ("/v1/engines/{model}/embeddings"); "other"
-    for a path no route matches."""
+    for a path no route matches. Decided once per path (a dict look-up on the hot path)."""
+    label = _endpoint_labels.get(path)
+    if label is None:
+        label = route_label(path)
+        if len(_endpoint_labels) < MAX_CACHED_PATHS:
+            _endpoint_labels[path] = label
+    return label
+
+
+def route_label(path: str) -> str:
     for route, label in route_labels():
         if route.match(path[1:]):
             return label
