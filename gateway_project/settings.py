@@ -186,7 +186,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024
 # Bounds on what one request may ask for (400 naming the parameter, before any upstream call).
 GATEWAY_MAX_JSON_DEPTH = env_int("GATEWAY_MAX_JSON_DEPTH", 64)
 GATEWAY_MAX_JSON_VALUES = env_int("GATEWAY_MAX_JSON_VALUES", 300_000)
-GATEWAY_MAX_MODEL_CHARS = env_int("GATEWAY_MAX_MODEL_CHARS", 256)
+# A model name longer than the usage rows' column (200) could not be recorded as it is.
+GATEWAY_MAX_MODEL_CHARS = env_int("GATEWAY_MAX_MODEL_CHARS", 200)
 GATEWAY_MAX_GENERATIONS = env_int("GATEWAY_MAX_GENERATIONS", 128)
 GATEWAY_MAX_MESSAGES = env_int("GATEWAY_MAX_MESSAGES", 2048)
 GATEWAY_MAX_CONTENT_PARTS = env_int("GATEWAY_MAX_CONTENT_PARTS", 64)

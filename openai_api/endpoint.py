@@ -16,7 +16,7 @@ from openai_api.auth import authenticate
 from openai_api.context import RequestContext
 from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
 from openai_api.observability import observe
-from openai_api.protocol import parse_json_body
+from openai_api.protocol import is_model_name, parse_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,6 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
         raise PayloadTooLargeError() from None
     body = parse_json_body(raw)
     model = body.get("model")
-    if isinstance(model, str):
+    if is_model_name(model):
         request.ctx.model = model  # so even a refused request's usage row names its model
     return body

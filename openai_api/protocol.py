@@ -227,6 +227,11 @@ def get_model(body: dict, path_model: str | None = None, param: str = "model") -
     return model
 
 
+def is_model_name(value: Any) -> bool:
+    """Whether `value` would pass get_model (for naming the model of a refused request)."""
+    return isinstance(value, str) and len(value) <= bounds.model_chars and value.isprintable()
+
+
 def get_include_usage(body: dict) -> bool:
     options = body.get("stream_options")
     if options is None:

@@ -15,6 +15,7 @@ from django.test import SimpleTestCase, override_settings
 
 from gateway_project.asgi import application
 from keys.models import APIKey
+from keys.usage import usage_writer
 from openai_api.auth import key_cache
 from openai_api.errors import InvalidRequestError
 from openai_api.json_shape import check_json_shape
@@ -51,7 +52,7 @@ class BoundsTestCase(GatewayTestCase):
 
 class ModelNameTests(BoundsTestCase):
     async def test_long_or_unprintable_model_names_are_refused_everywhere(self):
-        for model in ("m" * 257, "m1\x00", "m\n1", "m\x1b[31m"):
+        for model in ("m" * 201, "m1\x00", "m\n1", "m\x1b[31m"):
             for path, body in ((CHAT, chat(model=model)), (COMPLETIONS, completion(model=model)),
                                (EMBEDDINGS, {"model": model, "input": "x"}),
                                ("/api/v1/chat/completions", chat(model=model))):
@@ -61,11 +62,16 @@ class ModelNameTests(BoundsTestCase):
                 body = {"prompts": [{"model": model, "prompt": "x", "max_tokens": 1}]}
                 self.assertRefused(await self.post(TOKEN_CHECK, body), "prompts[0].model")
 
+    async def test_a_refused_model_name_is_not_recorded(self):
+        await self.post(CHAT, chat(model="m" * 10_000))
+        await self.post(CHAT, chat(model="m1\x00"))
+        self.assertEqual([event.model for event in usage_writer.pending], ["", ""])
+
     async def test_the_engines_route_checks_the_model_in_its_path(self):
         self.assertRefused(await self.post(f"/v1/engines/{'e' * 300}/embeddings", {"input": "x"}), "model")
 
     async def test_a_model_name_at_the_limit_is_only_unknown(self):
-        response = await self.post(CHAT, chat(model="m" * 256))
+        response = await self.post(CHAT, chat(model="m" * 200))
         self.assertError(response, 404, param="model")
 
 
