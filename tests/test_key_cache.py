@@ -57,8 +57,10 @@ class FloodTests(GatewayTestCase):
                 await asyncio.gather(*(attacker(token) for token in tokens[start:start + 1000]))
 
         latencies = []
-        with mock.patch.object(auth, "load_key", counting_load_key), \
-                mock.patch.object(key_cache, "ttl", 0.05), mock.patch.object(key_cache, "negative_size", 5000):
+        # A long lookup timeout: on a busy machine no random token gives up (503), so all of
+        # them reach the database.
+        with mock.patch.object(auth, "load_key", counting_load_key), mock.patch.object(key_cache, "ttl", 0.05), \
+                mock.patch.object(key_cache, "negative_size", 5000), mock.patch.object(key_cache, "lookup_timeout", 30):
             self.assertEqual((await self.get(MODELS)).status_code, 200)
             attack = asyncio.create_task(flood())
             while not attack.done():
@@ -72,8 +74,8 @@ class FloodTests(GatewayTestCase):
               f"valid key: {len(latencies)} requests, {loads['valid']} refreshes, median "
               f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
         self.assertEqual(sum(outcomes.values()), 20_000)
-        self.assertEqual(outcomes["200"], 0)
-        self.assertGreater(loads["random"], 10_000)  # the flood really reached the database
+        self.assertEqual(outcomes["401"], 20_000)
+        self.assertEqual(loads["random"], 20_000)  # the flood really reached the database
         self.assertGreater(len(latencies), 20)
         # Refreshed every 50 ms (one request in five), not served stale: behind the flood's
         # queries, refreshes would wait until REFRESH_WAIT and few would land.
