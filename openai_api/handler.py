@@ -140,8 +140,11 @@ async def key_is_good(authorization: bytes) -> bool:
         return False
     try:
         await authenticate(HeadersOnly(authorization))
-    except Exception:
+    except OpenAIError:
         return False
+    except Exception:
+        # Not an answer about the key: read the body, and let the view's own check decide.
+        logger.exception("The key check before reading a body failed")
     return True
 
 
