@@ -27,6 +27,7 @@ from asgiref.sync import sync_to_async
 from django.db import Error as DatabaseError
 from django.utils import timezone
 
+from gateway_project import state
 from keys.exceptions import LimitExceeded, LimitsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -423,22 +424,19 @@ def _run_now(coroutine) -> None:
     raise RuntimeError("release awaited unexpectedly")
 
 
-_store: MemoryLimitStore | RedisLimitStore | None = None
+def build_limit_store() -> MemoryLimitStore | RedisLimitStore:
+    """Redis when REDIS_URL is set, process memory otherwise (one per process:
+    gateway_project/state.py)."""
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        return RedisLimitStore(settings.REDIS_URL, timeout=settings.GATEWAY_REDIS_TIMEOUT)
+    return MemoryLimitStore()
 
 
 def get_limit_store() -> MemoryLimitStore | RedisLimitStore:
-    """Redis when REDIS_URL is set, process memory otherwise."""
-    global _store
-    if _store is None:
-        from django.conf import settings
-
-        if settings.REDIS_URL:
-            _store = RedisLimitStore(settings.REDIS_URL, timeout=settings.GATEWAY_REDIS_TIMEOUT)
-        else:
-            _store = MemoryLimitStore()
-    return _store
+    return state.get("limit_store")
 
 
 def reset_limit_store(store: MemoryLimitStore | RedisLimitStore | None = None) -> None:
-    global _store
-    _store = store
+    state.put("limit_store", store)

@@ -7,6 +7,8 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 
+from gateway_project import state
+
 
 class OpenAIAPIConfig(AppConfig):
     name = "openai_api"
@@ -14,6 +16,21 @@ class OpenAIAPIConfig(AppConfig):
 
     def ready(self) -> None:
         checks.register(settings_check)
+        register_process_state()
+
+
+def register_process_state() -> None:
+    """The API's process-wide parts (gateway_project/state.py)."""
+    from openai_api import client
+    from openai_api.auth import key_cache
+    from openai_api.backend import build_backend
+
+    state.provide("backend", build_backend)
+    # One pooled transport per event loop; a test may install a fake (state.reset(transport=...)).
+    state.provide("transport", lambda: None, clear=lambda _: client.reset_http_client(),
+                  replace=client.reset_http_client)
+    # Held by name in auth.py: emptied in place.
+    state.provide("key_cache", lambda: key_cache, clear=lambda cache: cache.clear())
 
 
 def settings_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 
+from gateway_project import state
 from openai_api.client import FastChatClient, WorkerStream, WorkerUnreachableError
 from openai_api.conversation import Template
 from openai_api.errors import UpstreamError, UpstreamUnavailableError
@@ -171,22 +172,20 @@ class Backend:
         )
 
 
-_backend: Backend | None = None
+def build_backend() -> Backend:
+    """The process's backend, from the settings (its one instance: gateway_project/state.py)."""
+    return Backend(
+        FastChatClient.from_settings(),
+        model_list_ttl=settings.GATEWAY_MODEL_LIST_TTL,
+        worker_retries=settings.GATEWAY_WORKER_RETRIES,
+        address_ttl=settings.GATEWAY_WORKER_ADDRESS_TTL,
+    )
 
 
 def get_backend() -> Backend:
-    global _backend
-    if _backend is None:
-        _backend = Backend(
-            FastChatClient.from_settings(),
-            model_list_ttl=settings.GATEWAY_MODEL_LIST_TTL,
-            worker_retries=settings.GATEWAY_WORKER_RETRIES,
-            address_ttl=settings.GATEWAY_WORKER_ADDRESS_TTL,
-        )
-    return _backend
+    return state.get("backend")
 
 
 def reset_backend() -> None:
     """Forget every cache (tests, settings changes)."""
-    global _backend
-    _backend = None
+    state.forget("backend")

@@ -10,12 +10,8 @@ from typing import Any
 from django.test import TestCase, override_settings
 from django.utils import timezone
 
-from keys.limits import reset_limit_store
+from gateway_project import state
 from keys.models import APIKey
-from keys.usage import usage_writer
-from openai_api.auth import key_cache
-from openai_api.backend import reset_backend
-from openai_api.client import reset_http_client
 from tests.asgi import ProductionAsyncClient
 from tests.fakes import CONTROLLER, FakeFastChat
 
@@ -34,18 +30,10 @@ class GatewayTestCase(TestCase):
         revoked.save()
         self.auth = {"Authorization": f"Bearer {self.plaintext}"}
         self.fake = FakeFastChat()
-        reset_backend()
-        reset_http_client(self.fake.transport())
-        key_cache.clear()
-        reset_limit_store()
-        usage_writer.pending.clear()
+        state.reset(transport=self.fake.transport())
 
     def tearDown(self) -> None:
-        usage_writer.pending.clear()
-        reset_limit_store()
-        reset_http_client()
-        reset_backend()
-        key_cache.clear()
+        state.reset()
         super().tearDown()
 
     async def post(self, path: str, data: Any, **headers: Any):
