@@ -148,7 +148,7 @@ def test_async_client(stack):
     asyncio.run(run())
 
 
-# Faults (acceptance point 3), against a worker of their own
+# Faults (docs/fastchat-protocol.md#failure-modes), against a worker of their own
 
 
 def test_a_worker_failing_mid_stream_gives_one_error_event_then_done(stack, fault_worker):
