@@ -86,12 +86,13 @@ class Scale:
     concurrency: int
     kill_streams: int
     stall_requests: int
+    real_worker_requests: int
 
 
 FULL = Scale(pg_down=60, redis_down=30, controller_down=10, disconnect_requests=1000, concurrency=16,
-             kill_streams=40, stall_requests=40)
+             kill_streams=40, stall_requests=40, real_worker_requests=60)
 QUICK = Scale(pg_down=8, redis_down=5, controller_down=4, disconnect_requests=300, concurrency=8,
-              kill_streams=20, stall_requests=16)
+              kill_streams=20, stall_requests=16, real_worker_requests=20)
 
 
 # Outcomes -----------------------------------------------------------------------------------
@@ -128,9 +129,9 @@ def stream_label(lines: list[str]) -> str:
 
 
 async def send(client: httpx.AsyncClient, url: str, key: str, stream: bool, *, path: str = "/v1/chat/completions",
-               max_tokens: int = 16, leave_after: float | None = None) -> Outcome:
+               max_tokens: int = 16, leave_after: float | None = None, model: str = MODEL) -> Outcome:
     """One chat request; ``leave_after`` seconds later the client hangs up (if not answered)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me something"}],
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me something"}],
             "max_tokens": max_tokens, "stream": stream}
     started = time.monotonic()
     outcome = Outcome("conn", started, started)
@@ -539,10 +540,10 @@ async def settle(probe: Callable[[], int], want: Callable[[int], bool], timeout:
 
 async def measure(stack: Stack, fault: str, outcomes: list[Outcome], key_ids: list[int],
                   expected_rows: int | None = None, rows_bound: int | None = None, note: str = "",
-                  settle_seconds: float = 20.0) -> Row:
+                  settle_seconds: float = 20.0, queue_probe: Callable[[], int] | None = None) -> Row:
     """The row of a fault, after waiting for queues, slots and usage rows to settle."""
     expected = len(outcomes) if expected_rows is None else expected_rows
-    queue = await settle(stack.worker_queue, lambda q: q == 0, 10)
+    queue = await settle(queue_probe or stack.worker_queue, lambda q: q == 0, 10)
     # Releases that failed are retried with a backoff of up to 5 s (keys/limits.py).
     slots = await settle(lambda: stack.slots_taken(key_ids), lambda s: s == 0, 15)
     rows = await settle(lambda: stack.usage_rows(key_ids), lambda r: r >= expected, settle_seconds)
@@ -734,6 +735,55 @@ async def disconnects(stack: Stack, scale: Scale, keys: dict) -> Row:
     return row
 
 
+@fault("real_worker", "FastChat's real model_worker (tiny model): clients leaving at random points, then its SIGKILL")
+async def real_worker(stack: Stack, scale: Scale, keys: dict) -> Row:
+    """The real worker, unlike the demo one, keeps generating for a /worker_generate client that
+    left: the gateway must not leave it busy (its queue_length must come back to 0)."""
+    plains, ids = keys_of(keys, "real_worker")
+    port = free_port()
+    model_dir = await asyncio.to_thread(build_model)
+    proc = start_process(
+        [sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model_dir),
+         "--model-names", REAL_MODEL, "--device", "cpu", "--host", HOST, "--port", str(port),
+         "--worker-address", f"http://{HOST}:{port}", "--controller-address", stack.controller_url, "--seed", "42"],
+        env={"LOGDIR": str(stack.workdir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+        log_path=stack.log("real-worker"))
+    try:
+        await asyncio.to_thread(wait_for_models, stack.controller_url, [REAL_MODEL], 120)
+        await asyncio.to_thread(wait_for_port, port, 30)
+
+        def queue() -> int:
+            return httpx.post(f"http://{HOST}:{port}/worker_get_status", timeout=10).json()["queue_length"]
+
+        rng = random.Random(5)
+        async with http_client() as client:
+            outcomes = list(await asyncio.gather(*(
+                send(client, stack.url, plains[i % 2], stream=i % 2 == 0, max_tokens=200, model=REAL_MODEL,
+                     leave_after=rng.uniform(0.1, 2.0) if i % 3 else None)
+                for i in range(scale.real_worker_requests))))
+            left_queue = await settle(queue, lambda q: q == 0, 30)
+            # Then the worker dies mid-stream.
+            streams = [asyncio.create_task(send(client, stack.url, plains[i % 2], True, max_tokens=400,
+                                                model=REAL_MODEL)) for i in range(4)]
+            await asyncio.sleep(1.0)
+            proc.kill()
+            outcomes += await asyncio.gather(*streams)
+        return await measure(stack, FAULTS["real_worker"][0], outcomes, ids, queue_probe=lambda: left_queue,
+                             note=f"real worker's queue_length after the clients left: {left_queue}")
+    finally:
+        stop_process(proc)
+
+
+REAL_MODEL = "tiny-fault"
+
+
+def build_model() -> Path:
+    from tests.tiny_model import build_tiny_model  # imports torch: only when this fault runs
+
+    return build_tiny_model()
+
+
 # Main -----------------------------------------------------------------------------------------
 
 
@@ -772,11 +822,13 @@ async def run_faults(stack: Stack, scale: Scale, names: list[str]) -> list[Row]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short outages and fewer requests (the test's run)")
-    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)}")
+    parser.add_argument("--faults", help=f"comma-separated, of: {', '.join(FAULTS)} (default: all; "
+                                         "--quick leaves out real_worker, which needs torch and a minute)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the process logs")
     options = parser.parse_args(argv)
-    options.names = [name for name in options.faults.split(",") if name]
+    default = [name for name in FAULTS if not (options.quick and name == "real_worker")]
+    options.names = [name for name in options.faults.split(",") if name] if options.faults else default
     unknown = set(options.names) - set(FAULTS)
     if unknown:
         parser.error(f"unknown faults: {', '.join(sorted(unknown))}")
