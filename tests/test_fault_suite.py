@@ -17,7 +17,7 @@ import pytest
 
 from tests.procs import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(330)]  # the first test waits for the whole run
 SERVICES_MISSING = 3  # bench/faults.py's exit status when nginx, PostgreSQL or Redis is missing
 
 
@@ -26,7 +26,7 @@ def fault_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "rows.json"
     result = subprocess.run(
         [sys.executable, "bench/faults.py", "--quick", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=290,
     )
     if result.returncode == SERVICES_MISSING:
         message = f"the fault suite's services are missing: {result.stderr.strip()[-300:]}"
