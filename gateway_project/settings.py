@@ -1,4 +1,4 @@
-"""Gateway settings: every value comes from the environment (SPEC.md section 6)."""
+"""Gateway settings: every value comes from the environment (docs/decisions.md#configuration)."""
 from __future__ import annotations
 
 import json
@@ -131,7 +131,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 # The OpenAI API path gets only async middleware: each sync middleware costs a thread hop
-# per request (SPEC.md section 8). See gateway_project/asgi.py.
+# per request (docs/decisions.md#performance). See gateway_project/asgi.py.
 API_MIDDLEWARE = [
     "openai_api.middleware.request_id",
     "openai_api.middleware.cors",
@@ -220,13 +220,6 @@ GATEWAY_WORKER_ADDRESS_TTL = env_float("GATEWAY_WORKER_ADDRESS_TTL", 1.0)
 GATEWAY_WORKER_RETRIES = env_int("GATEWAY_WORKER_RETRIES", 3)
 # How long a key's state is trusted in process memory (revocations apply within this time).
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 1.0)
-# On SIGTERM, streams still running after this many seconds end with an error event.
-GATEWAY_DRAIN_SECONDS = env_float("GATEWAY_DRAIN_SECONDS", 20)
-# Young-generation threshold of Python's cyclic GC in served processes (0 keeps Python's 700).
-GATEWAY_GC_GEN0_THRESHOLD = env_int("GATEWAY_GC_GEN0_THRESHOLD", 20000)
-# One JSON line per API request on the "gateway.access" logger.
-GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
-# When set, GET /metrics needs "Authorization: Bearer <this token>".
 # While the database cannot be read, a key known to the process keeps working from memory for
 # this long after it was last read; keys it does not know get 503.
 GATEWAY_KEY_GRACE_SECONDS = env_float("GATEWAY_KEY_GRACE_SECONDS", 300)
@@ -234,6 +227,13 @@ GATEWAY_KEY_GRACE_SECONDS = env_float("GATEWAY_KEY_GRACE_SECONDS", 300)
 GATEWAY_KEY_LOOKUP_TIMEOUT = env_float("GATEWAY_KEY_LOOKUP_TIMEOUT", 2.0)
 # Tokens found to be no key are remembered (least recently seen forgotten first) up to this many.
 GATEWAY_KEY_NEGATIVE_CACHE_SIZE = env_int("GATEWAY_KEY_NEGATIVE_CACHE_SIZE", 10_000)
+# On SIGTERM, streams still running after this many seconds end with an error event.
+GATEWAY_DRAIN_SECONDS = env_float("GATEWAY_DRAIN_SECONDS", 20)
+# Young-generation threshold of Python's cyclic GC in served processes (0 keeps Python's 700).
+GATEWAY_GC_GEN0_THRESHOLD = env_int("GATEWAY_GC_GEN0_THRESHOLD", 20000)
+# One JSON line per API request on the "gateway.access" logger.
+GATEWAY_ACCESS_LOG = env_bool("GATEWAY_ACCESS_LOG", "True")
+# When set, GET /metrics needs "Authorization: Bearer <this token>".
 GATEWAY_METRICS_TOKEN = env_secret("GATEWAY_METRICS_TOKEN")
 
 # CORS (FastChat's --allow-credentials/--allowed-origins/--allowed-methods/--allowed-headers)
@@ -243,6 +243,10 @@ CORS_ALLOWED_HEADERS = env_list("CORS_ALLOWED_HEADERS", ["*"])
 CORS_ALLOW_CREDENTIALS = env_bool("CORS_ALLOW_CREDENTIALS")
 
 REDIS_URL = env_str("REDIS_URL")
+# Seconds to connect to Redis or wait for its answer (limits) before giving up on it.
+GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 1.0)
+# Redis unreachable: keys with limits get 503 (False, fail closed) or are served unchecked (True).
+GATEWAY_LIMITS_FAIL_OPEN = env_bool("GATEWAY_LIMITS_FAIL_OPEN", "False")
 
 # The admin's live view (keys/live.py): Redis across processes, in-memory for one process.
 if REDIS_URL:
@@ -250,10 +254,6 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# Seconds to connect to Redis or wait for its answer (limits) before giving up on it.
-GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 1.0)
-# Redis unreachable: keys with limits get 503 (False, fail closed) or are served unchecked (True).
-GATEWAY_LIMITS_FAIL_OPEN = env_bool("GATEWAY_LIMITS_FAIL_OPEN", "False")
 REST_FRAMEWORK = {
     # The key-management API (keys/api.py): a staff user's bearer key first, so that
     # unauthenticated requests get 401 with WWW-Authenticate; then the admin's session.

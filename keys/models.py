@@ -149,7 +149,7 @@ class APIKey(models.Model):
 
 
 class UsageRecord(models.Model):
-    """One narrow row per API request (SPEC.md 5), written in batches off the request path."""
+    """One narrow row per API request (docs/decisions.md#usage-rows), written in batches off the request path."""
 
     key = models.ForeignKey(APIKey, on_delete=models.CASCADE, related_name="usage")
     model = models.CharField(max_length=200, blank=True)

@@ -26,7 +26,8 @@ UNLIMITED = 1024 * 1024
 async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str, max_tokens: int | None, param: str) -> int:
     """FastChat's check_length: the max_new_tokens to send, or ContextLengthError.
 
-    A max_tokens that does not fit is lowered to what the context leaves (FastChat PR #2544).
+    A max_tokens that does not fit is lowered to what the context leaves, as FastChat does
+    (docs/decisions.md#context-length).
     """
     context_length = await backend.context_length(address, model)
     if max_tokens is not None and len(prompt.encode()) + max_tokens + SPECIAL_TOKENS_MARGIN <= context_length:

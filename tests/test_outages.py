@@ -15,7 +15,7 @@ import pytest
 
 from tests.gateway_process import Gateway, start_gateway
 from tests.procs import free_port, start_controller, start_demo_worker, stop_process, wait_for_models
-from tests.services import Postgres, ServiceUnavailable, postgres
+from tests.services import Postgres, ServiceUnavailable, postgres, require_service
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[Gateway, Postgres]]:
                 for process in reversed(processes):
                     stop_process(process)
     except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+        require_service("PostgreSQL", False, str(exc))
 
 
 def start_again(pg: Postgres) -> None:

@@ -27,7 +27,7 @@ from openai_api.auth import key_cache
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.procs import HOST, wait_for_port
-from tests.services import Redis, ServiceUnavailable, redis_server, under_services_wrapper
+from tests.services import Redis, ServiceUnavailable, redis_server, require_service, under_services_wrapper
 from tests.sse import read_stream
 
 CHAT = "/v1/chat/completions"
@@ -45,7 +45,7 @@ def redis_url() -> Iterator[str]:
         with redis_server() as server:
             yield server.url
     except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+        require_service("Redis", False, str(exc))
 
 
 class Clock:
@@ -334,7 +334,7 @@ def own_redis() -> Iterator[Redis]:
         with redis_server() as server:
             yield server
     except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+        require_service("Redis", False, str(exc))
 
 
 def stop(server: Redis) -> None:

@@ -1,5 +1,5 @@
 """SIGTERM while streams run: each completes or ends with an error event and [DONE], and every
-request keeps its usage row (issue 4, acceptance 4)."""
+request keeps its usage row (docs/decisions.md#shutdown)."""
 from __future__ import annotations
 
 import asyncio

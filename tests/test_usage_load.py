@@ -3,7 +3,7 @@ every byte between the gateway and the database is held back by a proxy, so each
 at least a second. A quarter of the requests are streamed and cut off by their client after the
 first content chunk. Afterwards the database holds exactly 2,000 usage rows with the token
 counts the responses reported, while the requests themselves never waited on the database:
-their latency stays far below one query's round trip (SPEC.md section 5: usage is written in
+their latency stays far below one query's round trip (docs/decisions.md#usage-rows: usage is written in
 batches off the request path).
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ from tests.procs import (
     wait_for_models,
     wait_for_port,
 )
-from tests.services import HOST, Postgres, ServiceUnavailable, postgres
+from tests.services import HOST, Postgres, ServiceUnavailable, postgres, require_service
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +96,7 @@ def database(tmp_path) -> Iterator[Postgres]:
                            capture_output=True)
             yield pg
     except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+        require_service("PostgreSQL", False, str(exc))
 
 
 def stop(pg: Postgres) -> None:

@@ -1,7 +1,7 @@
 """A tiny random Llama model that FastChat's real model_worker can serve on the CPU.
 
 No weights can be downloaded here, so the model is built locally in a few seconds
-(FASTCHAT_REFERENCE.md 22): a byte-level BPE tokenizer trained on some of the Python standard
+(docs/fastchat-protocol.md#failure-modes): a byte-level BPE tokenizer trained on some of the Python standard
 library's own source, wrapped in PreTrainedTokenizerFast, and a randomly initialised
 LlamaForCausalLM. Both are saved with save_pretrained into a directory whose name makes
 FastChat's model adapters pick the wanted conversation template:
