@@ -116,6 +116,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "openai_api",
     "keys",
+    "upstreams",
 ]
 
 # The admin and the key-management API get Django's full stack.

@@ -1,0 +1,1 @@
+"""The FastChat adapter: controller and worker client, caches, conversation templates."""

@@ -1,0 +1,1 @@
+"""The registry of upstreams and the models they serve."""
