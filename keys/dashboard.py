@@ -65,11 +65,12 @@ class Chart:
     empty: bool = False
 
 
-def dashboard_context(days: int = DEFAULT_DAYS, today: date | None = None) -> dict:
-    """Everything the dashboard template shows, for the `days` days up to `today` included."""
+def dashboard_context(days: int = DEFAULT_DAYS, today: date | None = None, keys=None) -> dict:
+    """Everything the dashboard template shows, for the `days` days up to `today` included, of
+    `keys` (ids or a queryset; None: every key)."""
     today = today or timezone.now().date()
     start = today - timedelta(days=days - 1)
-    rows = rollups(since=start, until=today)
+    rows = rollups(since=start, until=today, keys=keys)
     per_day = per_day_totals(rows, start, days)
     totals = period_totals(per_day)
     key_fields = ("key_id", "key__name", "key__prefix")
