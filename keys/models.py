@@ -1,9 +1,11 @@
-"""API keys with their limits. Only a key's SHA-256 digest is stored."""
+"""API keys with their limits, the teams they belong to, prices and usage. Only a key's SHA-256
+digest is stored."""
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 
 from django.db import models, transaction
 from django.utils import timezone
@@ -64,10 +66,71 @@ class APIKeyManager(models.Manager["APIKey"]):
                             still_revoked=sum(key.is_revoked for key, _ in keys))
 
 
+class BudgetPeriod(models.TextChoices):
+    DAY = "day", "per day"
+    MONTH = "month", "per month"
+
+
+# Money: prices per million tokens with 6 decimals, costs and budgets with 12 (a token's cost at
+# 0.000001 per million is 1e-12), so no cost is ever rounded to 0 (docs/decisions.md#prices).
+PRICE_FIELD = {"max_digits": 18, "decimal_places": 6}
+COST_FIELD = {"max_digits": 30, "decimal_places": 12}
+BUDGET_FIELD = {"max_digits": 20, "decimal_places": 6}
+
+
+def currency_field(**options) -> models.CharField:
+    return models.CharField(max_length=3, help_text="ISO 4217 code, such as USD or EUR.", **options)
+
+
+class Team(models.Model):
+    """Keys grouped under common limits and budgets (docs/decisions.md#limits)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    allowed_models = models.JSONField(
+        default=list, blank=True,
+        help_text="Model names; empty means every model. A key of the team may use only these.")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    parallel_requests = models.PositiveIntegerField(null=True, blank=True)
+    token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    money_budget = models.DecimalField(null=True, blank=True, **BUDGET_FIELD)
+    budget_currency = currency_field(default="USD")
+    budget_period = models.CharField(max_length=5, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def allows_model(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+class Membership(models.Model):
+    """A Django user's role in a team."""
+
+    class Role(models.TextChoices):
+        OWNER = "owner", "owner"
+        MEMBER = "member", "member"
+        VIEWER = "viewer", "viewer"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="team_memberships")
+    role = models.CharField(max_length=6, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_membership_per_team_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
 class APIKey(models.Model):
-    class BudgetPeriod(models.TextChoices):
-        DAY = "day", "per day"
-        MONTH = "month", "per month"
+    BudgetPeriod = BudgetPeriod
 
     class Source(models.TextChoices):
         GENERATED = "generated", "generated here"
@@ -92,6 +155,12 @@ class APIKey(models.Model):
     parallel_requests = models.PositiveIntegerField(null=True, blank=True)
     token_budget = models.PositiveBigIntegerField(null=True, blank=True)
     budget_period = models.CharField(max_length=5, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
+    money_budget = models.DecimalField(null=True, blank=True, **BUDGET_FIELD)
+    budget_currency = currency_field(default="USD")
+    team = models.ForeignKey(
+        Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="keys",
+        help_text="The key's models are within the team's, and the team's limits and budgets apply too.",
+    )
     user = models.ForeignKey(
         "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="api_keys",
         help_text="A staff user's key may also call the key-management API (/api/keys/), within the user's permissions.",
@@ -148,6 +217,33 @@ class APIKey(models.Model):
         return bool(revoked)
 
 
+class Price(models.Model):
+    """What a model costs from `valid_from` on (docs/decisions.md#prices). A usage row stores the
+    cost at the time of its request; a model without a price has rows without cost."""
+
+    model = models.CharField(max_length=200, help_text="The public model name clients send.")
+    upstream = models.CharField(
+        max_length=100, blank=True,
+        help_text="Only for requests served by this upstream; blank: whichever serves the model.")
+    input_per_million = models.DecimalField(**PRICE_FIELD, help_text="Price of a million prompt tokens.")
+    output_per_million = models.DecimalField(**PRICE_FIELD, help_text="Price of a million completion tokens.")
+    currency = currency_field(default="USD")
+    valid_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "upstream", "-valid_from"]
+        constraints = [models.UniqueConstraint(fields=["model", "upstream", "valid_from"], name="one_price_per_start")]
+
+    def __str__(self) -> str:
+        return f"{self.model}{'@' + self.upstream if self.upstream else ''}: {self.input_per_million}/" \
+               f"{self.output_per_million} {self.currency} per million from {self.valid_from:%Y-%m-%d}"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (self.input_per_million * prompt_tokens + self.output_per_million * completion_tokens) / 1_000_000
+
+
 class UsageRecord(models.Model):
     """One narrow row per API request (docs/decisions.md#usage-rows), written in batches off the request path."""
 
@@ -162,6 +258,11 @@ class UsageRecord(models.Model):
     latency_ms = models.PositiveIntegerField(default=0)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
     streamed = models.BooleanField(default=False)
+    upstream = models.CharField(max_length=100, blank=True)
+    route = models.CharField(max_length=200, blank=True)
+    # The price in force at the request's time; NULL (and no currency) when its model had none.
+    cost = models.DecimalField(null=True, blank=True, **COST_FIELD)
+    currency = models.CharField(max_length=3, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -188,9 +289,15 @@ class UsageDaily(models.Model):
     errors = models.PositiveIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
+    upstream = models.CharField(max_length=100, blank=True)
+    route = models.CharField(max_length=200, blank=True)
+    # Priced and unpriced requests roll up apart: currency "" holds the unpriced ones (cost NULL).
+    currency = models.CharField(max_length=3, blank=True)
+    cost = models.DecimalField(null=True, blank=True, **COST_FIELD)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["key", "model", "day"], name="one_rollup_per_key_model_day")]
+        constraints = [models.UniqueConstraint(fields=["key", "model", "upstream", "route", "currency", "day"],
+                                               name="one_rollup_per_key_model_route_currency_day")]
         indexes = [models.Index(fields=["day"])]
         verbose_name_plural = "daily usage"
 
