@@ -1,0 +1,26 @@
+"""One adapter per upstream, built on first use and cached per process (gateway_project/state.py).
+
+An adapter keeps its upstream's caches (model list, templates, worker addresses), so it lives as
+long as its spec: a changed spec (new address, key, timeouts) gets a new adapter.
+"""
+from __future__ import annotations
+
+from gateway_project import state
+from upstreams.base import FASTCHAT, Adapter, UpstreamSpec
+
+
+def build(spec: UpstreamSpec) -> Adapter:
+    if spec.kind == FASTCHAT:
+        from upstreams.fastchat.adapter import FastChatAdapter
+
+        return FastChatAdapter.from_spec(spec)
+    raise ValueError(f"No adapter for upstream kind {spec.kind!r}.")
+
+
+def adapter_for(spec: UpstreamSpec) -> Adapter:
+    """The process's adapter for `spec` (rebuilt when the spec changes)."""
+    cache: dict[str, tuple[UpstreamSpec, Adapter]] = state.get("adapters")
+    cached = cache.get(spec.name)
+    if cached is None or cached[0] != spec:
+        cached = cache[spec.name] = (spec, build(spec))
+    return cached[1]
