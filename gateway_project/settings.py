@@ -199,6 +199,10 @@ GATEWAY_MAX_EMBEDDING_INPUTS = env_int("GATEWAY_MAX_EMBEDDING_INPUTS", 2048)
 GATEWAY_EMBEDDING_CONCURRENCY = env_int("GATEWAY_EMBEDDING_CONCURRENCY", 4)
 GATEWAY_MAX_TOKEN_CHECK_ITEMS = env_int("GATEWAY_MAX_TOKEN_CHECK_ITEMS", 64)
 
+# Upstream registry: the Fernet key(s) that encrypt upstream API keys at rest, newest first
+# (comma-separated; the older ones only decrypt, until `manage.py upstreams rotate-key`).
+GATEWAY_ENCRYPTION_KEY = env_secret("GATEWAY_ENCRYPTION_KEY")
+
 # FastChat backends
 CONTROLLER_ADDRESS = env_str("CONTROLLER_ADDRESS", "http://localhost:21001").rstrip("/")
 FASTCHAT_WORKER_API_TIMEOUT = env_float("FASTCHAT_WORKER_API_TIMEOUT", 100)

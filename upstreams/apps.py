@@ -1,6 +1,14 @@
 from django.apps import AppConfig
 
+from gateway_project import state
+
 
 class UpstreamsConfig(AppConfig):
     name = "upstreams"
     verbose_name = "Upstreams"
+
+    def ready(self) -> None:
+        from upstreams import checks  # noqa: F401  (registers the encryption key check)
+        from upstreams.registry import Registry
+
+        state.provide("upstream_registry", Registry)
