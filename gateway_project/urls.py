@@ -5,6 +5,7 @@ urlpatterns = [
     path("", include("keys.urls")),
     path("", include("openai_api.urls")),
     path("admin/", admin.site.urls),
+    path("console/", include("keys.console.urls")),
 ]
 
 handler404 = "openai_api.views.not_found"

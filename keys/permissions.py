@@ -1,0 +1,115 @@
+"""Who may see and do what with teams and their keys: one model for the admin, the REST API
+(/api/keys/) and the console (/console/).
+
+Rights come from two places, and a user has the union of both:
+
+- **Django's model permissions** (given directly or through groups) act on every row, and only
+  for active staff, as in the admin: `keys.view_apikey` reads every key, `keys.add_apikey`
+  creates keys, `keys.change_apikey` changes, revokes and rotates any key, `keys.view_team`
+  reads every team. Superusers have them all.
+- **Team roles** (Membership.role) act on one team and the keys that belong to it, for anyone,
+  staff or not:
+
+  | role   | read the team, its keys, spend, charts | create keys | revoke, rotate, set limits |
+  |--------|----------------------------------------|-------------|----------------------------|
+  | viewer | yes                                    | no          | no                         |
+  | member | yes                                    | no          | no                         |
+  | owner  | yes                                    | yes         | yes                        |
+
+  Members and viewers differ only in what the rest of the gateway does with them (a member
+  is somebody the team's keys are for; a viewer only watches, e.g. finance); in the console
+  both read. Keys without a team are reached through model permissions only.
+
+Whatever cannot be seen is reported as absent (404), never as forbidden, so ids do not leak
+across teams; what can be seen but not changed is 403.
+"""
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from keys.models import APIKey, Membership, Team
+
+VIEW_KEYS, ADD_KEYS, CHANGE_KEYS = "keys.view_apikey", "keys.add_apikey", "keys.change_apikey"
+VIEW_TEAMS = "keys.view_team"
+
+VIEW, CREATE, MANAGE = "view", "create", "manage"
+ROLE_RIGHTS: dict[str, frozenset[str]] = {
+    Membership.Role.VIEWER: frozenset({VIEW}),
+    Membership.Role.MEMBER: frozenset({VIEW}),
+    Membership.Role.OWNER: frozenset({VIEW, CREATE, MANAGE}),
+}
+# The model permission that gives a right over every team's keys.
+GLOBAL_PERMISSION = {VIEW: VIEW_KEYS, CREATE: ADD_KEYS, MANAGE: CHANGE_KEYS}
+
+
+def staff_can(user, permission: str) -> bool:
+    """A model permission that counts on every row: an active staff user's (or a superuser's)."""
+    return bool(user and user.is_authenticated and user.is_active and user.is_staff and user.has_perm(permission))
+
+
+def role(user, team: Team | None) -> str | None:
+    """The user's role in `team`, or None."""
+    if team is None or not (user and user.is_authenticated and user.is_active):
+        return None
+    return Membership.objects.filter(team=team, user=user).values_list("role", flat=True).first()
+
+
+def team_rights(user, team: Team | None) -> frozenset[str]:
+    """What `user` may do with `team`'s keys: a subset of {view, create, manage}."""
+    rights = {right for right, permission in GLOBAL_PERMISSION.items() if staff_can(user, permission)}
+    return frozenset(rights | ROLE_RIGHTS.get(role(user, team), frozenset()))
+
+
+def can_view_team(user, team: Team) -> bool:
+    return staff_can(user, VIEW_TEAMS) or staff_can(user, VIEW_KEYS) or role(user, team) is not None
+
+
+def can_create_keys(user, team: Team) -> bool:
+    return CREATE in team_rights(user, team)
+
+
+def can_manage_keys(user, team: Team | None) -> bool:
+    """Revoke, rotate and change the limits of `team`'s keys (team None: keys without a team)."""
+    return MANAGE in team_rights(user, team)
+
+
+def can_view_key(user, key: APIKey) -> bool:
+    return staff_can(user, VIEW_KEYS) or (key.team_id is not None and role(user, key.team) is not None)
+
+
+def can_manage_key(user, key: APIKey) -> bool:
+    return staff_can(user, CHANGE_KEYS) or (key.team_id is not None and
+                                            MANAGE in ROLE_RIGHTS.get(role(user, key.team), frozenset()))
+
+
+def member_team_ids(user) -> QuerySet:
+    return Membership.objects.filter(user=user).values("team_id")
+
+
+def visible_teams(user, teams: QuerySet[Team] | None = None) -> QuerySet[Team]:
+    """The teams `user` may read (of `teams`, default all)."""
+    teams = Team.objects.all() if teams is None else teams
+    if not (user and user.is_authenticated and user.is_active):
+        return teams.none()
+    if staff_can(user, VIEW_TEAMS) or staff_can(user, VIEW_KEYS):
+        return teams
+    return teams.filter(pk__in=member_team_ids(user))
+
+
+def visible_keys(user, keys: QuerySet[APIKey] | None = None) -> QuerySet[APIKey]:
+    """The keys `user` may read (of `keys`, default all): every key with `view_apikey`, else
+    the keys of the user's teams."""
+    keys = APIKey.objects.all() if keys is None else keys
+    if not (user and user.is_authenticated and user.is_active):
+        return keys.none()
+    if staff_can(user, VIEW_KEYS):
+        return keys
+    return keys.filter(team__in=member_team_ids(user))
+
+
+def manageable_teams(user, teams: QuerySet[Team] | None = None) -> QuerySet[Team]:
+    """The teams whose keys `user` may revoke, rotate and limit."""
+    teams = visible_teams(user, teams)
+    if staff_can(user, CHANGE_KEYS):
+        return teams
+    return teams.filter(pk__in=Membership.objects.filter(user=user, role=Membership.Role.OWNER).values("team_id"))
