@@ -253,6 +253,22 @@ GATEWAY_REDIS_TIMEOUT = env_float("GATEWAY_REDIS_TIMEOUT", 1.0)
 # Redis unreachable: keys with limits get 503 (False, fail closed) or are served unchecked (True).
 GATEWAY_LIMITS_FAIL_OPEN = env_bool("GATEWAY_LIMITS_FAIL_OPEN", "False")
 
+# Upstream routing, failover and health (upstreams/routing.py, cooldown.py, health.py).
+# Another upstream is tried at most this many times per request, all within one deadline (s).
+GATEWAY_UPSTREAM_RETRIES = env_int("GATEWAY_UPSTREAM_RETRIES", 2)
+GATEWAY_UPSTREAM_FAILOVER_SECONDS = env_float("GATEWAY_UPSTREAM_FAILOVER_SECONDS", 30.0)
+# An upstream cools down after this many failures in a row, or when this share of its requests
+# over the window failed (once there were the minimum), for the cooldown; then one trial decides.
+GATEWAY_BREAKER_FAILURES = env_int("GATEWAY_BREAKER_FAILURES", 3)
+GATEWAY_BREAKER_FAILURE_RATE = env_float("GATEWAY_BREAKER_FAILURE_RATE", 0.5)
+GATEWAY_BREAKER_WINDOW_SECONDS = env_float("GATEWAY_BREAKER_WINDOW_SECONDS", 30.0)
+GATEWAY_BREAKER_MIN_REQUESTS = env_int("GATEWAY_BREAKER_MIN_REQUESTS", 20)
+GATEWAY_BREAKER_COOLDOWN_SECONDS = env_float("GATEWAY_BREAKER_COOLDOWN_SECONDS", 10.0)
+# Each upstream is probed this often (s; 0: never) by one process; this many passing probes in a
+# row bring an upstream that cools down back without traffic.
+GATEWAY_UPSTREAM_PROBE_SECONDS = env_float("GATEWAY_UPSTREAM_PROBE_SECONDS", 10.0)
+GATEWAY_UPSTREAM_PROBE_PASSES = env_int("GATEWAY_UPSTREAM_PROBE_PASSES", 2)
+
 # The admin's live view (keys/live.py): Redis across processes, in-memory for one process.
 if REDIS_URL:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}

@@ -132,6 +132,19 @@ def _refresh_registry() -> None:
     registry.invalidate()
 
 
+class UpstreamManager(models.Manager):
+    def rotate_api_keys(self, actor: Any = None) -> int:
+        """Re-encrypt every stored API key with the newest GATEWAY_ENCRYPTION_KEY (all or none);
+        returns how many. UndecryptableSecret when one is opened by no configured key."""
+        count = 0
+        with transaction.atomic():
+            for upstream in self.select_for_update().exclude(api_key_encrypted="").order_by("pk"):
+                upstream.api_key_encrypted = crypto.rotate(upstream.api_key_encrypted)
+                upstream.save_by(actor, "rotate-key", changes={"api_key": ("re-encrypted", upstream.api_key_hint)})
+                count += 1
+        return count
+
+
 class Upstream(TrackedModel):
     class Kind(models.TextChoices):
         FASTCHAT = "fastchat", "FastChat controller"
@@ -171,6 +184,8 @@ class Upstream(TrackedModel):
     discover_models = models.BooleanField(default=True, help_text="Ask the upstream which models it serves.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = UpstreamManager()
 
     TRACKED = ("name", "kind", "base_url", "api_key_encrypted", "enabled", "priority", "weight", "connect_timeout",
                "first_byte_timeout", "idle_timeout", "max_concurrency", "extra_headers", "discover_models")

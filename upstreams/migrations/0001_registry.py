@@ -2,8 +2,9 @@
 
 import django.core.validators
 import django.db.models.deletion
-import upstreams.models
 from django.db import migrations, models
+
+import upstreams.models
 
 
 class Migration(migrations.Migration):
