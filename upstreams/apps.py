@@ -12,3 +12,6 @@ class UpstreamsConfig(AppConfig):
         from upstreams.registry import Registry
 
         state.provide("upstream_registry", Registry)
+        from upstreams.health import register_process_state
+
+        register_process_state()  # breakers, probe results and the probe loop

@@ -37,6 +37,8 @@ class Tables(Protocol):
 class MemoryTables:
     """One process's tables; `claim` is a lease with an expiry, as Redis's SET NX PX."""
 
+    blocking = False  # claim() returns at once
+
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._tables: dict[str, dict[str, dict]] = {}
@@ -77,6 +79,8 @@ class MemoryTables:
 class RedisTables:
     """Tables shared through Redis hashes `<prefix>:upstreams:<table>`, mirrored per process."""
 
+    blocking = True  # claim() waits for Redis: async callers run it in a thread
+
     def __init__(self, url: str, tables: tuple[str, ...], *, prefix: str = "gw", timeout: float = 1.0,
                  refresh_seconds: float = REFRESH_SECONDS):
         import redis
@@ -93,6 +97,7 @@ class RedisTables:
         self._stopped = threading.Event()
         self._down = False
         self.refreshed_at = 0.0  # time.monotonic() of the last successful read
+        self.refresh_now()  # a process shows the shared state from its start
         self._thread = threading.Thread(target=self._run, name="upstream-state", daemon=True)
         self._thread.start()
 
