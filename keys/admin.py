@@ -21,7 +21,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from keys import dashboard
+from keys import dashboard, permissions
 from keys.models import APIKey, UsageDaily, UsageRecord
 from keys.spreadsheet import safe_row
 from keys.usage_totals import per_key
@@ -64,6 +64,13 @@ class APIKeyForm(forms.ModelForm):
     class Meta:
         model = APIKey
         fields = "__all__"
+
+    def clean(self) -> dict:
+        data = super().clean()
+        team = data.get("team") if "team" in self.fields else self.instance.team
+        for field, message in (permissions.beyond_team(team, data).items() if team else ()):
+            self.add_error(field, message)
+        return data
 
 
 class KeyStateFilter(admin.SimpleListFilter):
@@ -113,7 +120,9 @@ class APIKeyAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         since = timezone.now().date() - timedelta(days=29)
-        return super().get_queryset(request).annotate(requests_30d=per_key("requests", since))
+        # Team scoping is keys/permissions.py's (staff with view_apikey see every key).
+        keys = permissions.visible_keys(request.user, super().get_queryset(request))
+        return keys.annotate(requests_30d=per_key("requests", since))
 
     def has_delete_permission(self, request, obj=None) -> bool:
         """Keys are revoked, not deleted: deleting one would delete its usage history (and

@@ -25,6 +25,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from keys import permissions
 from keys.api_permissions import KeyModelPermissions, check_key_change
 from keys.models import APIKey, KeyRevokedError
 from keys.usage_totals import rollups, summed
@@ -52,7 +53,7 @@ class APIKeySerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "owner", "prefix", "status", "created_at", "updated_at", "expires_at",
             "revoked_at", "last_used_at", "allowed_models", "requests_per_minute", "tokens_per_minute",
-            "parallel_requests", "token_budget", "budget_period", "user",
+            "parallel_requests", "token_budget", "budget_period", "user", "team",
         ]
         read_only_fields = ["prefix", "created_at", "updated_at", "revoked_at", "last_used_at"]
 
@@ -201,7 +202,8 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     lookup_value_regex = r"[0-9]+"
 
     def get_queryset(self) -> QuerySet:
-        keys = APIKey.objects.order_by("-created_at", "-id")
+        # Every key for staff with view_apikey; team scoping is keys/permissions.py's.
+        keys = permissions.visible_keys(self.request.user, APIKey.objects.order_by("-created_at", "-id"))
         if self.action != "list":
             return keys
         query = KeyFilterSerializer(data=self.request.query_params)
@@ -272,6 +274,13 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
         refusal = check_key_change(self.request.user, self.request.auth, key, changes)
         if refusal:
             raise PermissionDenied(refusal)
+        team = changes["team"] if "team" in changes else key.team if key else None
+        if team is not None:
+            fields = ("allowed_models", *permissions.LIMIT_FIELDS)
+            values = {name: changes[name] if name in changes else getattr(key, name, None) for name in fields}
+            beyond = permissions.beyond_team(team, values)
+            if beyond:
+                raise serializers.ValidationError(beyond)
 
     def with_plaintext(self, key: APIKey, plaintext: str) -> dict:
         return {"key": plaintext, **self.get_serializer(key).data}

@@ -29,6 +29,9 @@ from django.db.models import QuerySet
 
 from keys.models import APIKey, Membership, Team
 
+# A key's limits, each bounded by its team's field of the same name when the team sets one.
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "parallel_requests", "token_budget", "money_budget")
+
 VIEW_KEYS, ADD_KEYS, CHANGE_KEYS = "keys.view_apikey", "keys.add_apikey", "keys.change_apikey"
 VIEW_TEAMS = "keys.view_team"
 
@@ -113,3 +116,19 @@ def manageable_teams(user, teams: QuerySet[Team] | None = None) -> QuerySet[Team
     if staff_can(user, CHANGE_KEYS):
         return teams
     return teams.filter(pk__in=Membership.objects.filter(user=user, role=Membership.Role.OWNER).values("team_id"))
+
+
+def beyond_team(team: Team, values: dict) -> dict[str, str]:
+    """What in `values` (a key's fields) goes beyond `team`'s models or limits, as
+    {field: message}. A limit left empty is no key-level limit: the team's still binds."""
+    errors = {}
+    models = values.get("allowed_models")
+    if models is not None and team.allowed_models:
+        outside = [name for name in models if name not in team.allowed_models]
+        if outside:  # an empty list is the team's models: the team's allow-list binds too
+            errors["allowed_models"] = f"Not among the team's models: {', '.join(outside)}."
+    for field in LIMIT_FIELDS:
+        ceiling, value = getattr(team, field, None), values.get(field)
+        if ceiling is not None and value is not None and value > ceiling:
+            errors[field] = f"At most the team's {ceiling:,}."
+    return errors

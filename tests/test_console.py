@@ -160,9 +160,11 @@ class OwnerTests(ConsoleCast):
             self.assertIn(field, response.context["form"].errors, fields)
             self.assertFalse(PLAINTEXT.search(response.content.decode()))
         self.assertFalse(APIKey.objects.filter(name="new-app").exists())
-        # Empty models: all of the team's, never "every model".
+        # Empty models: the team's (its allow-list binds as well), shown so.
         self.create(allowed_models="")
-        self.assertEqual(APIKey.objects.get(name="new-app").allowed_models, ["m1", "m2"])
+        key = APIKey.objects.get(name="new-app")
+        self.assertEqual(key.allowed_models, [])
+        self.assertContains(self.client.get(team_url(self.red)), "all of the team's")
 
     def test_an_owner_changes_limits_within_the_teams(self):
         data = {"name": "renamed", "allowed_models": "m1, m2", "requests_per_minute": "100", "tokens_per_minute": "",

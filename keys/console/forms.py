@@ -5,27 +5,7 @@ from django import forms
 
 from keys.admin import ModelListField
 from keys.models import APIKey, Team
-
-# A key's limits, each bounded by the team's field of the same name when the team sets one.
-LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "parallel_requests", "token_budget", "money_budget")
-
-
-def beyond_team(team: Team, values: dict) -> dict[str, str]:
-    """What in `values` (a key's fields) goes beyond `team`'s models or limits, as
-    {field: message}. A limit left empty is no key-level limit: the team's still binds."""
-    errors = {}
-    models = values.get("allowed_models")
-    if models is not None and team.allowed_models:
-        outside = [name for name in models if name not in team.allowed_models]
-        if outside:
-            errors["allowed_models"] = f"Not among the team's models: {', '.join(outside)}."
-        elif not models:
-            errors["allowed_models"] = "Name the models: the team allows only " + ", ".join(team.allowed_models) + "."
-    for field in LIMIT_FIELDS:
-        ceiling, value = getattr(team, field, None), values.get(field)
-        if ceiling is not None and value is not None and value > ceiling:
-            errors[field] = f"At most the team's {ceiling:,}."
-    return errors
+from keys.permissions import LIMIT_FIELDS, beyond_team
 
 
 class KeyForm(forms.ModelForm):
@@ -55,8 +35,6 @@ class KeyForm(forms.ModelForm):
 
     def clean(self) -> dict:
         data = super().clean()
-        if self.team.allowed_models and data.get("allowed_models") == []:
-            data["allowed_models"] = list(self.team.allowed_models)  # empty: all the team's models
         for field, message in beyond_team(self.team, data).items():
             self.add_error(field, message)
         return data
