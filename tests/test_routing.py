@@ -153,3 +153,120 @@ def test_unexpected_exceptions_are_reported_and_raised():
     with pytest.raises(RuntimeError):
         failover([route("a"), route("b")], script)
     assert script.calls == ["a"]
+
+
+# The dispatcher: failover wired to breakers, in-flight counts and metrics.
+
+from upstreams.cooldown import OPEN, BreakerPolicy, Breakers  # noqa: E402
+from upstreams.health import Health, HealthPolicy  # noqa: E402
+from upstreams.routing import Dispatcher  # noqa: E402
+from upstreams.shared_state import MemoryTables  # noqa: E402
+
+
+class FakeStream:
+    def __init__(self, chunks, fail_after: BaseException | None = None):
+        self.chunks, self.fail_after, self.usage, self.route, self.closed = list(chunks), fail_after, None, None, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.fail_after is not None:
+            raise self.fail_after
+        raise StopAsyncIteration
+
+    async def aclose(self):
+        self.closed = True
+
+
+class Answer:
+    route = None
+
+
+def dispatcher(failures=2):
+    tables = MemoryTables()
+    health = Health(tables, Breakers(tables, BreakerPolicy(failures=failures)), HealthPolicy(0, 2))
+    return Dispatcher(health, rng=random.Random(5))
+
+
+def metric(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0
+
+
+def test_dispatcher_opens_the_breaker_of_a_failing_upstream_and_routes_around_it():
+    d = dispatcher(failures=2)
+    routes = [route("sick-d1", priority=1), route("well-d1")]
+    seen = []
+
+    async def attempt(r):
+        seen.append(r.upstream)
+        if r.upstream == "sick-d1":
+            raise errors.Unreachable()
+        return Answer()
+
+    async def main():
+        return [await d.answer(routes, Call(set()), attempt) for _ in range(4)]
+
+    answers = asyncio.run(main())
+    assert [a.route.upstream for a in answers] == ["well-d1"] * 4
+    assert seen == ["sick-d1", "well-d1", "sick-d1", "well-d1", "well-d1", "well-d1"]  # opened after 2
+    assert d.breakers.state("sick-d1") == OPEN
+    assert d.inflight.counts["sick-d1"] == 0 and d.inflight.counts["well-d1"] == 0
+    assert metric("gateway_upstream_errors_total", upstream="sick-d1", kind="unreachable") == 2
+    assert metric("gateway_upstream_requests_total", upstream="well-d1") == 4
+
+
+def test_dispatcher_client_errors_do_not_count_against_the_upstream():
+    d = dispatcher(failures=1)
+
+    async def attempt(r):
+        raise errors.ClientFailure("bad", status=422)
+
+    with pytest.raises(errors.ClientFailure):
+        asyncio.run(d.answer([route("picky-d2")], Call(set()), attempt))
+    assert d.breakers.state("picky-d2") == "closed"
+    assert metric("gateway_upstream_errors_total", upstream="picky-d2", kind="client_error") == 1
+
+
+def test_dispatcher_streams_hold_their_in_flight_slot_until_they_end():
+    d = dispatcher(failures=1)
+
+    async def main():
+        ok = await d.stream([route("s-d3", cap=1)], Call(set()), lambda r: _ready(FakeStream([b"1", b"2"])))
+        assert d.inflight.counts["s-d3"] == 1
+        with pytest.raises(errors.NoRoute):  # at its cap of 1
+            await d.stream([route("s-d3", cap=1)], Call(set()), lambda r: _ready(FakeStream([])))
+        assert [chunk async for chunk in ok] == [b"1", b"2"]
+        assert d.inflight.counts["s-d3"] == 0 and ok.route.upstream == "s-d3"
+        broken = await d.stream([route("s-d3")], Call(set()),
+                                lambda r: _ready(FakeStream([b"1"], errors.UpstreamTimeout(retryable=False))))
+        with pytest.raises(errors.UpstreamTimeout):
+            async for _ in broken:
+                pass
+        await broken.aclose()  # the face closes it after the failure: counted once
+        return broken
+
+    broken = asyncio.run(main())
+    assert broken.inner.closed and d.inflight.counts["s-d3"] == 0
+    assert d.breakers.state("s-d3") == OPEN  # a mid-stream failure counts
+    assert metric("gateway_upstream_errors_total", upstream="s-d3", kind="timeout") == 1
+
+
+def test_dispatcher_a_client_leaving_a_stream_is_not_a_failure():
+    d = dispatcher(failures=1)
+
+    async def main():
+        s = await d.stream([route("s-d4")], Call(set()), lambda r: _ready(FakeStream([b"1", b"2"])))
+        await s.__anext__()
+        await s.aclose()
+
+    asyncio.run(main())
+    assert d.breakers.state("s-d4") == "closed" and d.inflight.counts["s-d4"] == 0
+
+
+async def _ready(value):
+    return value

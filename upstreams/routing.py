@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from upstreams import errors
+from upstreams import errors, metrics
 
 T = TypeVar("T")
 
@@ -211,3 +211,127 @@ async def _choose(routes, tried, usable, claim, rng):
         if route is None or claim is None or await claim(route):
             return route
         refused.add(route.upstream)
+
+
+class Dispatcher:
+    """Failover wired to the process's health, breakers, in-flight counts and metrics: what the
+    router calls for every request. `answer()` for non-streamed calls, `stream()` for streamed
+    ones (the returned stream reports its end: success, a mid-stream failure, or the client
+    leaving, which is nobody's failure)."""
+
+    def __init__(self, health, inflight: InFlight | None = None, policy: RoutingPolicy | None = None,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
+        self.health = health
+        self.breakers = health.breakers
+        self.inflight = inflight or InFlight()
+        self.policy = policy or RoutingPolicy()
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    def usable(self, route: RouteLike) -> bool:
+        return self.breakers.usable(route.upstream) and not self.inflight.at_cap(route)
+
+    async def claim(self, route: RouteLike) -> bool:
+        from upstreams.cooldown import HALF_OPEN
+
+        if self.breakers.state(route.upstream) != HALF_OPEN:
+            return True
+        if getattr(self.breakers.tables, "blocking", False):
+            return await asyncio.to_thread(self.breakers.claim_trial, route.upstream)
+        return self.breakers.claim_trial(route.upstream)
+
+    def _start(self, route: RouteLike, observer) -> None:
+        self.inflight.enter(route.upstream)
+        metrics.started(route.upstream)
+        if observer is not None:
+            observer.on_route(route)
+
+    def _end(self, route: RouteLike, started: float, exc: BaseException | None = None) -> None:
+        """An attempt ended (exactly once per attempt)."""
+        self.inflight.leave(route.upstream)
+        elapsed = self.clock() - started
+        if exc is None:
+            metrics.finished(route.upstream, elapsed)
+            self.breakers.succeeded(route.upstream)
+            return
+        kind = failure_kind(exc)
+        metrics.finished(route.upstream, elapsed, kind)
+        if counts_against_upstream(exc):
+            self.breakers.failed(route.upstream, kind, getattr(exc, "message", "") or kind)
+        elif isinstance(exc, errors.ClientFailure):
+            self.breakers.succeeded(route.upstream)  # it answered: it is alive
+
+    async def _run(self, routes, call, attempt, observer):
+        self.health.ensure_started()
+        fit = capable(routes, call)
+        starts: dict[str, float] = {}
+
+        def on_start(route):
+            starts[route.upstream] = self.clock()
+            self._start(route, observer)
+
+        def on_failure(route, exc):
+            self._end(route, starts[route.upstream], exc)
+
+        route, result = await with_failover(
+            fit, attempt, usable=self.usable, claim=self.claim, on_start=on_start, on_failure=on_failure,
+            policy=self.policy, rng=self.rng, clock=self.clock, retry_after=self.breakers.retry_after)
+        started = starts[route.upstream]
+        metrics.first_byte(route.upstream, self.clock() - started)
+        return route, result, started
+
+    async def answer(self, routes: Sequence[RouteLike], call: Any, attempt: Callable[[RouteLike], Awaitable[T]],
+                     observer=None) -> T:
+        route, answer, started = await self._run(routes, call, attempt, observer)
+        self._end(route, started)
+        if getattr(answer, "route", False) is None:
+            answer.route = route
+        return answer
+
+    async def stream(self, routes: Sequence[RouteLike], call: Any, attempt: Callable[[RouteLike], Awaitable[Any]],
+                     observer=None) -> TrackedStream:
+        route, stream, started = await self._run(routes, call, attempt, observer)
+        if getattr(stream, "route", False) is None:
+            stream.route = route
+        return TrackedStream(stream, route, lambda exc: self._end(route, started, exc))
+
+
+class TrackedStream:
+    """A primed stream that reports its end once: exhausted (success), failed mid-stream (the
+    upstream's failure, counted), or closed early by the face (the client left: not a failure)."""
+
+    def __init__(self, inner, route, ended: Callable[[BaseException | None], None]):
+        self.inner = inner
+        self.route = route
+        self._iterator = inner.__aiter__()
+        self._ended = ended
+        self._open = True
+
+    @property
+    def usage(self):
+        return self.inner.usage
+
+    def __getattr__(self, name: str):  # adapter extras (e.g. FastChat's) stay reachable
+        return getattr(self.inner, name)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._iterator.__anext__()
+        except StopAsyncIteration:
+            self._finish(None)
+            raise
+        except BaseException as exc:
+            self._finish(None if isinstance(exc, asyncio.CancelledError) else exc)
+            raise
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._open:
+            self._open = False
+            self._ended(exc)
+
+    async def aclose(self) -> None:
+        self._finish(None)
+        await self.inner.aclose()
