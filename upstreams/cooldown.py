@@ -11,7 +11,7 @@
   rotation until a probe passes, whatever the counts.
 
 This is the lesson of one-api's channels, disabled after one error and never re-enabled: a
-single failure opens nothing, and an upstream comes back by itself (docs/upstreams.md#cooldown).
+single failure opens nothing, and an upstream comes back by itself (docs/routing.md#cooldown).
 Marks live in upstreams/shared_state.py tables: Redis when REDIS_URL is set (seen by every
 process within a second), the process otherwise; the hot path reads a dict.
 """

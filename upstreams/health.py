@@ -17,7 +17,7 @@ the upstream's probe lease for that interval (Redis SET NX PX with REDIS_URL). R
 passing probes in a row close an open breaker with no traffic; one passing probe clears a
 credentials mark. The loop runs in every served process, started on its first API request (or at
 the ASGI lifespan startup) and stopped at shutdown (openai_api/lifecycle.py). See
-docs/upstreams.md#health.
+docs/routing.md#health.
 """
 from __future__ import annotations
 

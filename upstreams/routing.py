@@ -11,7 +11,7 @@ Weighted random, not least-busy: LiteLLM's least-busy strategy was reported to s
 request to the first-listed deployment (BerriAI/litellm#38746: in-flight counts are mostly 0
 under light load and ties went to the first) and to pin traffic to one deployment for hours
 (BerriAI/litellm#39322: a drifting counter, not shared across workers). A weighted draw spreads
-by design and needs no shared counter (docs/upstreams.md#routing).
+by design and needs no shared counter (docs/routing.md#routing).
 
 Failover (`with_failover`): an attempt that fails before any byte reached the client with a
 retryable failure (refused, connect or first-byte timeout, 429, 5xx, credentials rejected) is

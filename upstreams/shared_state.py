@@ -7,7 +7,7 @@ into the process by one daemon thread that reads every table at most every REFRE
 (0.5 s) and writes this process's changes as soon as they are made, so a change reaches every
 process within a second. Redis unreachable: the process keeps its last copy plus its own
 changes (per-process state, never an error) and replays its queued writes when Redis is back.
-Without REDIS_URL the tables live in the process. See docs/upstreams.md#shared-state.
+Without REDIS_URL the tables live in the process. See docs/routing.md#shared-state.
 """
 from __future__ import annotations
 
