@@ -3,6 +3,7 @@ from django.urls import include, path
 
 urlpatterns = [
     path("", include("keys.urls")),
+    path("", include("upstreams.urls")),
     path("", include("openai_api.urls")),
     path("admin/", admin.site.urls),
     path("console/", include("keys.console.urls")),

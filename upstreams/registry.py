@@ -7,8 +7,8 @@ loop (the request gets the last snapshot at once), in the caller's thread otherw
 admin). While the database cannot be read the last snapshot stays, and reads are tried again at
 most once a second. Only a process that never read one waits (at most LOAD_TIMEOUT) for the first.
 
-A snapshot's specs are upstreams.base.UpstreamSpec (the API key decrypted, in memory only, never
-in a repr) and its `routes` map each public model to upstreams.base.Route, highest priority first.
+A snapshot's specs are `UpstreamSpec` (the API key decrypted, in memory only, never in a repr)
+and its `routes` map each public model to upstreams.base.Route, highest priority first.
 `Snapshot.configured` is False when no upstream is registered at all: the router then serves
 CONTROLLER_ADDRESS as the one FastChat upstream (`zero_config_upstream()`), as before the registry.
 Disabled upstreams and disabled models are not in a snapshot.
@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from upstreams import crypto
-from upstreams.base import FASTCHAT, Route, UpstreamSpec
+from upstreams.base import FASTCHAT, Route
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,34 @@ class RegistryUnavailable(Exception):
     """The registry was never read and the database cannot be read now (answer 503)."""
 
     status = 503
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One enabled upstream as the registry describes it (frozen: cheap to share). For a FastChat
+    upstream `base_url` is its controller's address. `api_key` is the decrypted key, in memory
+    only and never in a repr; adapters send `headers()`."""
+
+    name: str
+    kind: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    enabled: bool = True
+    priority: int = 0
+    weight: int = 1
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 100.0
+    idle_timeout: float = 100.0
+    max_concurrency: int | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
+    discover_models: bool = True
+
+    def headers(self) -> dict[str, str]:
+        """Headers for every request to this upstream: its extra headers and its bearer key."""
+        headers = dict(self.extra_headers)
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
 
 @dataclass(frozen=True)
@@ -56,33 +84,35 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The enabled upstreams (upstreams.base.UpstreamSpec, the API key decrypted in memory) and
-    their enabled models, with the routes of each public model ready for the router."""
+    """The enabled upstreams and their enabled models, with the routes (upstreams.base.Route) of
+    each public model, highest priority first, ready for the router."""
 
     configured: bool  # any Upstream row at all (False: zero configuration)
     upstreams: tuple[UpstreamSpec, ...] = ()
     models: tuple[ModelSpec, ...] = ()
     unreadable_keys: frozenset[str] = frozenset()  # upstreams whose stored key no configured key opens
     routes: Mapping[str, tuple[Route, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    pairs: Mapping[str, tuple[tuple[UpstreamSpec, ModelSpec], ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def of(cls, upstreams: Sequence[UpstreamSpec], models: Sequence[ModelSpec], *, configured: bool = True,
            unreadable_keys: frozenset[str] = frozenset()) -> Snapshot:
         by_name = {spec.name: spec for spec in upstreams}
-        routes: dict[str, list[Route]] = {}
+        found: dict[str, list[tuple[UpstreamSpec, ModelSpec]]] = {}
         for model in models:
             spec = by_name.get(model.upstream)
-            if spec is None:
-                continue
-            routes.setdefault(model.public_name, []).append(Route(
-                upstream=spec.name, kind=spec.kind, public_model=model.public_name,
-                upstream_model=model.upstream_name, priority=spec.priority, weight=spec.weight,
-                capabilities=model.capabilities, max_concurrency=spec.max_concurrency, spec=spec,
-            ))
-        ordered = {name: tuple(sorted(found, key=lambda route: (-route.priority, route.upstream)))
-                   for name, found in sorted(routes.items())}
+            if spec is not None:
+                found.setdefault(model.public_name, []).append((spec, model))
+        pairs = {name: tuple(sorted(serving, key=lambda pair: (-pair[0].priority, pair[0].name)))
+                 for name, serving in sorted(found.items())}
+        routes = {name: tuple(Route(
+            upstream=spec.name, kind=spec.kind, public_model=model.public_name, upstream_model=model.upstream_name,
+            priority=spec.priority, weight=spec.weight, capabilities=model.capabilities,
+            max_concurrency=spec.max_concurrency, spec=spec,
+        ) for spec, model in serving) for name, serving in pairs.items()}
         return cls(configured=configured, upstreams=tuple(upstreams), models=tuple(models),
-                   unreadable_keys=unreadable_keys, routes=MappingProxyType(ordered))
+                   unreadable_keys=unreadable_keys, routes=MappingProxyType(routes), pairs=MappingProxyType(pairs))
 
     def upstream(self, name: str) -> UpstreamSpec | None:
         return next((spec for spec in self.upstreams if spec.name == name), None)
@@ -90,13 +120,20 @@ class Snapshot:
     def public_models(self) -> list[str]:
         return list(self.routes)
 
+    def serving(self, public_name: str) -> list[tuple[UpstreamSpec, ModelSpec]]:
+        """(upstream, model) pairs that serve `public_name`, highest priority first."""
+        return list(self.pairs.get(public_name, ()))
+
     def models_of(self, upstream: str) -> tuple[ModelSpec, ...]:
         return tuple(model for model in self.models if model.upstream == upstream)
 
 
 def zero_config_upstream() -> UpstreamSpec:
     """The one FastChat upstream when none is registered: CONTROLLER_ADDRESS, models discovered live."""
-    return UpstreamSpec(name=ZERO_CONFIG_NAME, kind=FASTCHAT, base_url=settings.CONTROLLER_ADDRESS)
+    return UpstreamSpec(name=ZERO_CONFIG_NAME, kind=FASTCHAT, base_url=settings.CONTROLLER_ADDRESS,
+                        connect_timeout=settings.FASTCHAT_CONTROLLER_TIMEOUT,
+                        first_byte_timeout=settings.FASTCHAT_WORKER_API_TIMEOUT,
+                        idle_timeout=settings.FASTCHAT_WORKER_API_TIMEOUT)
 
 
 _unreadable_logged: frozenset[str] = frozenset()
