@@ -216,7 +216,7 @@ def test_dispatcher_opens_the_breaker_of_a_failing_upstream_and_routes_around_it
     assert seen == ["sick-d1", "well-d1", "sick-d1", "well-d1", "well-d1", "well-d1"]  # opened after 2
     assert d.breakers.state("sick-d1") == OPEN
     assert d.inflight.counts["sick-d1"] == 0 and d.inflight.counts["well-d1"] == 0
-    assert metric("gateway_upstream_errors_total", upstream="sick-d1", kind="unreachable") == 2
+    assert metric("gateway_upstream_failures_total", upstream="sick-d1", kind="unreachable") == 2
     assert metric("gateway_upstream_requests_total", upstream="well-d1") == 4
 
 
@@ -229,7 +229,7 @@ def test_dispatcher_client_errors_do_not_count_against_the_upstream():
     with pytest.raises(errors.ClientFailure):
         asyncio.run(d.answer([route("picky-d2")], Call(set()), attempt))
     assert d.breakers.state("picky-d2") == "closed"
-    assert metric("gateway_upstream_errors_total", upstream="picky-d2", kind="client_error") == 1
+    assert metric("gateway_upstream_failures_total", upstream="picky-d2", kind="client_error") == 1
 
 
 def test_dispatcher_streams_hold_their_in_flight_slot_until_they_end():
@@ -253,7 +253,7 @@ def test_dispatcher_streams_hold_their_in_flight_slot_until_they_end():
     broken = asyncio.run(main())
     assert broken.inner.closed and d.inflight.counts["s-d3"] == 0
     assert d.breakers.state("s-d3") == OPEN  # a mid-stream failure counts
-    assert metric("gateway_upstream_errors_total", upstream="s-d3", kind="timeout") == 1
+    assert metric("gateway_upstream_failures_total", upstream="s-d3", kind="timeout") == 1
 
 
 def test_dispatcher_a_client_leaving_a_stream_is_not_a_failure():

@@ -20,7 +20,7 @@ OTHER = "other"
 
 REQUESTS = Counter("gateway_upstream_requests_total", "Attempts sent to an upstream (retries included).",
                    ["upstream"])
-ERRORS = Counter("gateway_upstream_errors_total", "Attempts an upstream failed, by kind of failure.",
+ERRORS = Counter("gateway_upstream_failures_total", "Attempts an upstream failed, by kind of failure.",
                  ["upstream", "kind"])
 LATENCY = Histogram("gateway_upstream_request_duration_seconds",
                     "Time from sending an attempt to its last byte (or failure).", ["upstream"],
