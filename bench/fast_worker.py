@@ -1,4 +1,4 @@
-"""The benchmark's fake worker: openai_api.demo_worker's answers behind a minimal HTTP server.
+"""The benchmark's fake worker: upstreams.fastchat.demo_worker's answers behind a minimal HTTP server.
 
 Issue 4 measured FastChat against "a fake worker that answers in 0.1 ms" and "10,000+ requests/s",
 so that nearly all the cost is the gateway's. The demo worker (aiohttp, faithful fault
@@ -7,7 +7,7 @@ is CPU taken from the servers under test. This one answers the same protocol wit
 bytes, computed by the demo worker's own generation code, then remembered per identical request
 (the benchmark sends the same few requests again and again), on a raw uvloop protocol with
 httptools. It registers and heartbeats like the demo worker and takes its command-line flags.
-No token delay, no fault injection, no log: use openai_api.demo_worker for anything but speed.
+No token delay, no fault injection, no log: use upstreams.fastchat.demo_worker for anything but speed.
 
     python bench/fast_worker.py --port 21002 --controller-address http://127.0.0.1:21001 \\
         --model-names demo-chat,demo-embed --reply-words 64
@@ -30,7 +30,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from openai_api.demo_worker import (  # noqa: E402 - needs the repository root on sys.path
+from upstreams.fastchat.demo_worker import (  # noqa: E402 - needs the repository root on sys.path
     DemoWorker,
     generate_stream_gate,
     get_embeddings,

@@ -7,7 +7,7 @@
 
 The stack is the production shape: two gateway processes (``manage.py openai_api_server``,
 uvicorn) behind nginx (``deploy/nginx/gateway.conf``), a throwaway PostgreSQL and Redis
-(tests/services.py), FastChat's real controller and two demo workers (openai_api/demo_worker.py)
+(tests/services.py), FastChat's real controller and two demo workers (upstreams/fastchat/demo_worker.py)
 serving one model. Each fault gets API keys of its own (one limited to parallel requests, so
 that leaked slots show in Redis), sends its load through nginx, injects the fault, lets the
 stack recover, then measures:

@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--worker", choices=sorted(WORKER_PROGRAMS), default="fast",
-        help="fast: bench/fast_worker.py (default); demo: openai_api.demo_worker, three times its CPU",
+        help="fast: bench/fast_worker.py (default); demo: upstreams.fastchat.demo_worker, three times its CPU",
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int,

@@ -86,7 +86,7 @@ WORKER_PROGRAMS = {
     # bench/fast_worker.py: the demo worker's answers, remembered, on a raw uvloop server (~0.05 ms)
     "fast": (str(REPO_ROOT / "bench" / "fast_worker.py"),),
     # the demo worker itself (aiohttp; ~0.3 ms of CPU per chat request)
-    "demo": ("-m", "openai_api.demo_worker"),
+    "demo": ("-m", "upstreams.fastchat.demo_worker"),
 }
 
 

@@ -20,15 +20,12 @@ class OpenAIAPIConfig(AppConfig):
 
 
 def register_process_state() -> None:
-    """The API's process-wide parts (gateway_project/state.py)."""
-    from openai_api import client
+    """The API's process-wide parts (gateway_project/state.py): the router and adapters it talks
+    to, their pooled transport, the key cache."""
     from openai_api.auth import key_cache
-    from openai_api.backend import build_backend
+    from upstreams.router import register_process_state as register_router
 
-    state.provide("backend", build_backend)
-    # One pooled transport per event loop; a test may install a fake (state.reset(transport=...)).
-    state.provide("transport", lambda: None, clear=lambda _: client.reset_http_client(),
-                  replace=client.reset_http_client)
+    register_router()
     # Held by name in auth.py: emptied in place.
     state.provide("key_cache", lambda: key_cache, clear=lambda cache: cache.clear())
 

@@ -26,7 +26,7 @@ from keys.hashing import hash_key
 from keys.limits import Limits
 from keys.models import APIKey
 from openai_api.errors import AuthenticationError, KeyLookupUnavailableError, PermissionDeniedError
-from openai_api.single_flight import SingleFlight
+from gateway_project.single_flight import SingleFlight
 
 logger = logging.getLogger(__name__)
 

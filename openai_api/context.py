@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_api.counts import token_count
+from upstreams.usage import Usage, token_count
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class RequestContext:
     release_lease: Hook | None = None
     # The controller or worker address of an upstream failure, for the access log only.
     upstream_url: str = ""
+    # The upstream and the route (upstreams/base.py's Route) the router chose, if any.
+    upstream: str = ""
+    route: Any = None
     finished: bool = False
     on_finish: list[Hook] = field(default_factory=list)
 
@@ -42,10 +45,21 @@ class RequestContext:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
-    def add_usage(self, usage: dict[str, Any]) -> None:
+    def add_usage(self, usage: Usage | dict[str, Any]) -> None:
         """Record the request's tokens; a count that is not a plausible token count is 0."""
+        if isinstance(usage, Usage):
+            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            return
         self.prompt_tokens = token_count(usage.get("prompt_tokens", 0)) or 0
         self.completion_tokens = token_count(usage.get("completion_tokens", 0)) or 0
+
+    # The router's observer (upstreams/base.py)
+
+    def on_route(self, route: Any) -> None:
+        self.route, self.upstream = route, route.upstream
+
+    def on_usage(self, usage: Usage) -> None:
+        self.add_usage(usage)
 
     @property
     def latency_ms(self) -> int:

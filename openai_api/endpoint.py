@@ -17,6 +17,8 @@ from openai_api.context import RequestContext
 from openai_api.errors import MethodNotAllowedError, OpenAIError, PayloadTooLargeError, error_body
 from openai_api.observability import observe
 from openai_api.protocol import is_model_name, parse_json_body
+from openai_api.upstream_errors import to_openai
+from upstreams.errors import UpstreamFailure
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
                     ctx.key = await authenticate(request)
                     ctx.on_finish.append(record_usage)
                 response = await view(request, *args, **kwargs)
-            except OpenAIError as exc:
+            except (OpenAIError, UpstreamFailure) as raised:
+                exc = to_openai(raised) if isinstance(raised, UpstreamFailure) else raised
                 response = error_response(exc)
                 ctx.error_code = exc.code or ""
                 ctx.upstream_url = exc.upstream_url

@@ -53,7 +53,7 @@ async def lifespan(scope: dict, receive: ASGIReceive, send: Callable[[dict], Awa
     """The gateway's ASGI lifespan (uvicorn: every process, once it has served its last
     request): close this process's upstream connections, then write its usage queue."""
     from keys.usage import usage_lifespan
-    from openai_api.client import close_transport
+    from upstreams.transport import close_transport
 
     async def receive_then_close() -> dict:
         message = await receive()

@@ -25,7 +25,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from openai_api.backend import get_backend
+from upstreams.errors import UpstreamFailure
+from upstreams.router import get_router
 from openai_api.context import RequestContext
 from openai_api.errors import OpenAIError
 from openai_api.insiders import is_insider
@@ -112,7 +113,7 @@ def listed_models() -> frozenset[str]:
     """The backend's model list as last fetched (no controller call), as a set, remade only
     when the backend fetched a new list."""
     global _known_models
-    models = get_backend().known_models
+    models = get_router().known_models()
     if models is not _known_models[0]:
         _known_models = (models, frozenset(models))
     return _known_models[1]
@@ -123,7 +124,7 @@ def error_codes() -> frozenset[str]:
     def subclasses(cls: type) -> list[type]:
         return [cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))]
 
-    return ERROR_CODES | {cls.code for cls in subclasses(OpenAIError) if cls.code}
+    return ERROR_CODES | {cls.code for base in (OpenAIError, UpstreamFailure) for cls in subclasses(base) if cls.code}
 
 
 def error_label(ctx: RequestContext) -> str:

@@ -1,9 +1,12 @@
 """Request parsing and validation for the OpenAI endpoints.
 
-Requests become small frozen dataclasses; anything wrong becomes an InvalidRequestError that
-names the parameter. Range messages are FastChat's own (check_requests), so clients that
-match on them keep working. Unknown fields are ignored; features the workers cannot honour
-(tools, functions, JSON mode) are refused rather than silently dropped (docs/decisions.md).
+Requests become the neutral calls of upstreams/calls.py; anything wrong becomes an
+InvalidRequestError that names the parameter. Range messages are FastChat's own (check_requests),
+so clients that match on them keep working. Unknown fields are kept in the call's body (for
+upstreams that take them). Features only some upstreams have (tools, functions, JSON mode and
+schemas, images) are recorded as the call's needs: the router refuses a call none of the
+model's routes can honour, with a 400 naming the parameter, rather than dropping it silently
+(docs/decisions.md).
 
 Every size a client chooses is bounded (settings GATEWAY_MAX_*), and checked before anything
 is built per item: a list's length before its elements, prompts x n before any generation.
@@ -21,6 +24,19 @@ from django.core.signals import setting_changed
 
 from openai_api.errors import ErrorCode, InvalidJSONError, InvalidRequestError
 from openai_api.json_shape import check_json_shape
+from upstreams.calls import (
+    EMBEDDINGS,
+    JSON_MODE,
+    JSON_SCHEMA,
+    TOOLS,
+    VISION,
+    ChatCall,
+    CompletionsCall,
+    EmbeddingsCall,
+    Need,
+    Sampling,
+    TokenCheckItem,
+)
 
 MISSING = object()
 JSON_TYPE_NAMES = {
@@ -241,20 +257,21 @@ def get_include_usage(body: dict) -> bool:
     return get_bool(options, "include_usage")
 
 
-def refuse_unsupported(body: dict) -> None:
-    """Tools and JSON mode need worker support FastChat does not have: say so."""
+def body_needs(body: dict, needs: list[Need]) -> None:
+    """Record the tools and JSON modes a chat body asks for (the messages add theirs)."""
     for name in ("tools", "functions"):
         if body.get(name):
-            raise unsupported(name, f"'{name}' is not supported by this gateway's models.")
+            needs.append(Need(TOOLS, name, f"'{name}' is not supported by this gateway's models."))
     if body.get("tool_choice") not in (None, "none"):
-        raise unsupported("tool_choice", "'tool_choice' is not supported by this gateway's models.")
+        needs.append(Need(TOOLS, "tool_choice", "'tool_choice' is not supported by this gateway's models."))
     if body.get("function_call") not in (None, "none"):
-        raise unsupported("function_call", "'function_call' is not supported by this gateway's models.")
+        needs.append(Need(TOOLS, "function_call", "'function_call' is not supported by this gateway's models."))
     response_format = body.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         if kind != "text":
-            raise unsupported("response_format", "Only 'response_format' of type 'text' is supported.")
+            message = "Only 'response_format' of type 'text' is supported."
+            needs.append(Need(JSON_MODE if kind == "json_object" else JSON_SCHEMA, "response_format", message))
 
 
 def unsupported(param: str, message: str) -> InvalidRequestError:
@@ -262,21 +279,6 @@ def unsupported(param: str, message: str) -> InvalidRequestError:
 
 
 # Sampling parameters shared by chat and completions
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    n: int
-    max_tokens: int | None
-    stop: list[str]
-    presence_penalty: float
-    frequency_penalty: float
-    seed: int | None
-    stream: bool
-    include_usage: bool
 
 
 def parse_sampling(body: dict, max_tokens: int | None) -> Sampling:
@@ -299,36 +301,29 @@ def parse_sampling(body: dict, max_tokens: int | None) -> Sampling:
 # Chat
 
 
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str
-    messages: str | list[dict[str, Any]]
-    sampling: Sampling
-    user: str | None
-    repetition_penalty: float | None = None
-
-
-def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatRequest:
+def parse_chat(body: dict, *, fastchat_extras: bool = False) -> ChatCall:
     """Validate a /v1/chat/completions body (or /api/v1/chat/completions with extras)."""
     model = get_model(body)
-    messages = parse_messages(required(body, "messages"))
-    refuse_unsupported(body)
-    if body.get("logprobs"):
-        raise unsupported("logprobs", "Chat 'logprobs' are not supported by FastChat workers; use /v1/completions.")
+    needs: list[Need] = []
+    messages = parse_messages(required(body, "messages"), needs)
+    body_needs(body, needs)
     max_tokens = get_int(body, "max_tokens", None, minimum=1, maximum=INT32_MAX)
     if max_tokens is None:
         max_tokens = get_int(body, "max_completion_tokens", None, minimum=1, maximum=INT32_MAX)
     repetition_penalty = get_float(body, "repetition_penalty", 1.0, minimum=0) if fastchat_extras else None
-    return ChatRequest(
-        model=model,
+    return ChatCall(
+        public_model=model,
         messages=messages,
         sampling=parse_sampling(body, max_tokens),
         user=get_str(body, "user"),
+        body=body,
+        needs=frozenset(need.capability for need in needs),
+        asked=tuple(needs),
         repetition_penalty=repetition_penalty,
     )
 
 
-def parse_messages(messages: Any) -> str | list[dict[str, Any]]:
+def parse_messages(messages: Any, needs: list[Need]) -> str | list[dict[str, Any]]:
     """A plain prompt string (FastChat allows it) or a list of normalised messages."""
     if isinstance(messages, str):
         check_chars("messages", messages, bounds.content_chars)
@@ -338,26 +333,31 @@ def parse_messages(messages: Any) -> str | list[dict[str, Any]]:
     if not messages:
         raise range_error("messages", "[] is too short - 'messages'")
     check_length("messages", messages, bounds.messages)
-    return [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+    return [parse_message(message, f"messages[{i}]", needs) for i, message in enumerate(messages)]
 
 
-def parse_message(message: Any, where: str) -> dict[str, Any]:
+def parse_message(message: Any, where: str, needs: list[Need]) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise type_error(where, "an object", message)
     role = required_in(message, "role", where)
+    content = message.get("content")
     if role in ("tool", "function"):
-        raise unsupported(f"{where}.role", f"Messages with role '{role}' are not supported by this gateway's models.")
-    if role not in CHAT_ROLES:
+        needs.append(Need(TOOLS, f"{where}.role", f"Messages with role '{role}' are not supported by this gateway's models."))
+        if content is None:
+            content = ""
+    elif role not in CHAT_ROLES:
         raise range_error(
             f"{where}.role",
             f"Invalid value: '{role}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.",
         )
     if message.get("tool_calls"):
-        raise unsupported(f"{where}.tool_calls", "Assistant 'tool_calls' are not supported by this gateway's models.")
-    content = message.get("content")
+        needs.append(Need(TOOLS, f"{where}.tool_calls", "Assistant 'tool_calls' are not supported by this gateway's models."))
     if content is None and role == "assistant":
         content = ""
-    return {"role": role, "content": parse_content(content, f"{where}.content", allow_images=role == "user")}
+    parsed = parse_content(content, f"{where}.content", allow_images=role == "user")
+    if not isinstance(parsed, str) and any(part["type"] == "image_url" for part in parsed):
+        needs.append(Need(VISION, f"{where}.content", "Images are not supported by this model."))
+    return {"role": role, "content": parsed}
 
 
 def required_in(obj: dict, name: str, where: str) -> str:
@@ -436,19 +436,9 @@ def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKEN_ID_MAX
 
 
-@dataclass(frozen=True)
-class CompletionRequest:
-    model: str
-    prompts: list[str] | list[list[int]]
-    sampling: Sampling
-    echo: bool
-    logprobs: int | None
-    best_of: int | None
-    use_beam_search: bool
-    user: str | None
-
-
-def parse_completion(body: dict) -> CompletionRequest:
+def parse_completion(body: dict) -> CompletionsCall:
+    """Validate a /v1/completions body. Token-id prompts are left for the view to decode
+    (openai_api/tokens.py): the call's `prompts` are replaced by their text."""
     model = get_model(body)
     max_generations = bounds.generations
     prompts = parse_prompt_input(required(body, "prompt"), "prompt", max_generations)
@@ -459,8 +449,8 @@ def parse_completion(body: dict) -> CompletionRequest:
     if best_of is not None and best_of < sampling.n:
         raise range_error("best_of", "best_of must be greater than or equal to n.")
     check_generations(len(prompts), sampling.n, best_of, max_generations)
-    return CompletionRequest(
-        model=model,
+    return CompletionsCall(
+        public_model=model,
         prompts=prompts,
         sampling=sampling,
         echo=get_bool(body, "echo"),
@@ -468,6 +458,7 @@ def parse_completion(body: dict) -> CompletionRequest:
         best_of=best_of,
         use_beam_search=get_bool(body, "use_beam_search"),
         user=get_str(body, "user"),
+        body=body,
     )
 
 
@@ -482,15 +473,7 @@ def check_generations(prompts: int, n: int, best_of: int | None, maximum: int) -
                                      f"{prompts * n * best_of} generations; at most {maximum} are allowed per request.")
 
 
-@dataclass(frozen=True)
-class EmbeddingsRequest:
-    model: str
-    inputs: list[str] | list[list[int]]
-    encoding_format: str | None
-    user: str | None
-
-
-def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsRequest:
+def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsCall:
     model = get_model(body, path_model)
     encoding_format = get_str(body, "encoding_format")
     if encoding_format not in (None, "float", "base64"):
@@ -498,22 +481,17 @@ def parse_embeddings(body: dict, path_model: str | None = None) -> EmbeddingsReq
             "encoding_format",
             f"Invalid value: '{encoding_format}'. Supported values are: 'float' and 'base64'.",
         )
-    return EmbeddingsRequest(
-        model=model,
+    return EmbeddingsCall(
+        public_model=model,
         inputs=parse_prompt_input(required(body, "input"), "input", bounds.embedding_inputs),
         encoding_format=encoding_format,
         user=get_str(body, "user"),
+        body=body,
+        needs=frozenset({EMBEDDINGS}),
     )
 
 
 # FastChat's /api/v1/token_check
-
-
-@dataclass(frozen=True)
-class TokenCheckItem:
-    model: str
-    prompt: str
-    max_tokens: int
 
 
 def parse_token_check(body: dict) -> list[TokenCheckItem]:

@@ -1,15 +1,16 @@
-"""Server-sent events: framing, the streaming response and its end, merging concurrent choice streams.
+"""Server-sent events: framing the chunks of an upstream stream, the streaming response and its end.
 
-Contract of every event generator here: once the 200 status is sent, a failure becomes one
+The router hands the face a primed Stream (upstreams/base.py): the JSON bytes of one OpenAI chunk at
+a time. Here each becomes a `data: ` event. Once the 200 status is sent, a failure becomes one
 `data: {"error": ...}` event followed by `data: [DONE]`. If the client disconnects, Django
-cancels the generator (asyncio.CancelledError at its current await): the generator closes its
-upstream streams in `finally` and re-raises, so the worker sees the disconnect at once.
+cancels the generator (asyncio.CancelledError at its current await): the stream is closed in
+`finally` and the cancellation re-raised, so the upstream sees the disconnect at once.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -19,6 +20,8 @@ from openai_api.context import RequestContext
 from openai_api.errors import OpenAIError, UpstreamError, UpstreamUnavailableError, error_body
 from openai_api.lifecycle import ActiveStream, active_streams
 from openai_api.observability import stream_started
+from openai_api.upstream_errors import as_openai
+from upstreams.base import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 
 def sse_error(exc: BaseException) -> bytes:
+    exc = as_openai(exc)
     if not isinstance(exc, OpenAIError):
         logger.exception("Stream failed", exc_info=exc)
         exc = UpstreamError("The stream failed.")
@@ -60,47 +64,9 @@ def sse_response(events: AsyncIterator[bytes]) -> StreamingHttpResponse:
     return response
 
 
-_END = object()
-
-
-async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Yield (stream index, item) from several async iterators as items arrive.
-
-    The first failure is raised after the other readers are cancelled.
-    """
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
-        try:
-            async for item in stream:
-                await queue.put((index, item, None))
-            await queue.put((index, _END, None))
-        except Exception as exc:
-            await queue.put((index, _END, exc))
-
-    readers = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
-    try:
-        remaining = len(readers)
-        while remaining:
-            index, item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                remaining -= 1
-            else:
-                yield index, item
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-
-
-async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any]) -> AsyncIterator[bytes]:
-    """Relay `events`, then `[DONE]`; a failure becomes one error event before `[DONE]`.
+async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIterator[bytes]:
+    """Frame `stream`'s chunks as events, then `[DONE]`; a failure becomes one error event before
+    `[DONE]`.
 
     `on_end(status, error_code, upstream_url)` runs exactly once, however the stream ends: 200
     on success, 502 after an error event (503 if a shutdown cut it), 499 when the client went
@@ -111,10 +77,10 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
     active = ActiveStream(upstreams)
     active_streams.add(active)
     try:
-        async for event in events:
-            yield event
+        async for chunk in stream:
+            yield b"data: " + chunk + b"\n\n"
     except Exception as exc:
-        error: BaseException = exc
+        error: BaseException = as_openai(exc)
         if active.interrupted:
             error = UpstreamUnavailableError("The server is shutting down; please retry.", code="server_shutting_down")
         status = error.status_code if isinstance(error, OpenAIError) else 502
@@ -126,34 +92,34 @@ async def guarded(events: AsyncIterator[bytes], on_end: Any, upstreams: list[Any
         raise
     finally:
         active_streams.discard(active)
-        await events.aclose()
+        await stream.aclose()
         await on_end(status, error_code, upstream_url)
     yield SSE_DONE
 
 
-async def stream_response(events: AsyncIterator[bytes], upstreams: list[Any], ctx: RequestContext,
-                          usage: Callable[[], dict[str, int]]) -> StreamingHttpResponse:
-    """The one owner of a streamed request's end: the SSE response for `events`, read from
-    `upstreams` (objects with an aclose(), e.g. worker streams).
+async def stream_response(stream: Stream, ctx: RequestContext) -> StreamingHttpResponse:
+    """The one owner of a streamed request's end: the SSE response for an upstream's `stream`.
 
     It counts the stream in flight, guards it (see guarded: an error becomes one event, then
     `[DONE]`; a shutdown may interrupt it), and runs it up to its first event before returning:
     a started generator is finalised even if the client goes away before the server iterates
-    it, an unstarted one would leak its upstreams. However the stream ends, the tokens produced
-    so far (`usage()`) are recorded, the upstreams closed and the request finished.
+    it, an unstarted one would leak its upstream. However the stream ends, the tokens produced
+    so far (`stream.usage`) are recorded, the stream closed and the request finished.
     """
     stream_started(ctx)
+    upstreams = [stream]
 
     async def on_end(status: int, error_code: str, upstream_url: str) -> None:
         ctx.upstream_url = upstream_url
         try:
-            ctx.add_usage(usage())
+            ctx.add_usage(stream.usage)
         except Exception:
             logger.exception("Usage of stream %s could not be read", ctx.request_id)
         await asyncio.gather(*(upstream.aclose() for upstream in upstreams), return_exceptions=True)
         ctx.finish(status, error_code)
 
-    guarded_events = guarded(events, on_end, upstreams)
+    guarded_events = guarded(stream, on_end, upstreams)
+    ctx.mark_first_token()
     first = await anext(guarded_events)
 
     async def relay() -> AsyncIterator[bytes]:

@@ -2,34 +2,49 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
-from openai_api import chat, completions, protocol
-from openai_api import embeddings as embeddings_api
+from openai_api import protocol
 from openai_api.accounting import admit
 from openai_api.auth import require_model_access
-from openai_api.backend import Backend, get_backend
 from openai_api.endpoint import api_endpoint, json_response, read_json
 from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
-from openai_api.ids import random_id
 from openai_api.insiders import is_insider
+from openai_api.streaming import stream_response
 from openai_api.tokens import as_texts
+from upstreams.base import Answer
+from upstreams.ids import random_id
+from upstreams.router import Router, get_router
 
 
-async def admit_model(request: HttpRequest, backend: Backend, model: str) -> None:
-    """403 if the key may not use `model`, 404 (FastChat's message) if no worker serves it,
-    429 if the key's limits refuse the request."""
-    key = request.ctx.key
+async def admit_model(request: HttpRequest, router: Router, call: Any) -> None:
+    """403 if the key may not use the call's model, 404 (FastChat's message) if no upstream serves
+    it, 400 if none of its routes can serve the call (tools to FastChat workers), 429 if the
+    key's limits refuse the request."""
+    key, model = request.ctx.key, call.public_model
     request.ctx.model = model
     require_model_access(key, model)
-    if not await backend.has_model(model):
-        visible = [name for name in await backend.models() if key.allows_model(name)]
+    if not await router.has_model(model):
+        visible = [name for name in await router.models() if key.allows_model(name)]
         raise ModelNotFoundError(
             f"Only {'&&'.join(visible)} allowed now, your model {model}", param="model",
         )
+    await router.check(call)
     await admit(request.ctx)
+
+
+async def respond(request: HttpRequest, result: Any) -> HttpResponse:
+    """The router's Answer as JSON, or its Stream as server-sent events."""
+    ctx = request.ctx
+    if isinstance(result, Answer):
+        ctx.mark_first_token()
+        ctx.add_usage(result.usage)
+        return json_response(result.body)
+    ctx.streamed = True
+    return await stream_response(result, ctx)
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
@@ -48,23 +63,24 @@ def model_card(name: str, created: int) -> dict[str, Any]:
 @api_endpoint("GET")
 async def models(request: HttpRequest) -> HttpResponse:
     key, created = request.ctx.key, int(time.time())
-    names = [name for name in await get_backend().models() if key.allows_model(name)]
+    names = [name for name in await get_router().models() if key.allows_model(name)]
     return json_response({"object": "list", "data": [model_card(name, created) for name in names]})
 
 
 @api_endpoint("GET")
 async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     key = request.ctx.key
-    if not key.allows_model(model_id) or not await get_backend().has_model(model_id):
+    if not key.allows_model(model_id) or not await get_router().has_model(model_id):
         raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
     return json_response(model_card(model_id, int(time.time())))
 
 
 async def chat_response(request: HttpRequest, fastchat_extras: bool) -> HttpResponse:
-    body = protocol.parse_chat(read_json(request), fastchat_extras=fastchat_extras)
-    backend = get_backend()
-    await admit_model(request, backend, body.model)
-    return await chat.respond(backend, body, request.ctx)
+    call = protocol.parse_chat(read_json(request), fastchat_extras=fastchat_extras)
+    router = get_router()
+    await admit_model(request, router, call)
+    request.ctx.streamed = call.stream
+    return await respond(request, await router.chat(call, request.ctx))
 
 
 @api_endpoint("POST")
@@ -80,46 +96,34 @@ async def fastchat_chat_completions(request: HttpRequest) -> HttpResponse:
 
 @api_endpoint("POST")
 async def completions_view(request: HttpRequest) -> HttpResponse:
-    body = protocol.parse_completion(read_json(request))
-    backend = get_backend()
-    await admit_model(request, backend, body.model)
-    prompts = await as_texts(body.model, body.prompts, "prompt")
-    return await completions.respond(backend, body, prompts, request.ctx)
+    call = protocol.parse_completion(read_json(request))
+    router = get_router()
+    await admit_model(request, router, call)
+    call = replace(call, prompts=await as_texts(call.public_model, call.prompts, "prompt"))
+    request.ctx.streamed = call.stream
+    return await respond(request, await router.completions(call, request.ctx))
 
 
 @api_endpoint("POST")
 async def embeddings(request: HttpRequest, model_name: str | None = None) -> HttpResponse:
-    body = protocol.parse_embeddings(read_json(request), path_model=model_name)
-    backend = get_backend()
-    await admit_model(request, backend, body.model)
-    inputs = await as_texts(body.model, body.inputs, "input")
-    return json_response(await embeddings_api.create_embeddings(backend, body, inputs, request.ctx))
+    call = protocol.parse_embeddings(read_json(request), path_model=model_name)
+    router = get_router()
+    await admit_model(request, router, call)
+    call = replace(call, inputs=await as_texts(call.public_model, call.inputs, "input"))
+    return await respond(request, await router.embeddings(call, request.ctx))
 
 
 @api_endpoint("POST")
 async def token_check(request: HttpRequest) -> HttpResponse:
     """FastChat's /api/v1/token_check: does each prompt plus max_tokens fit its model?"""
     items = protocol.parse_token_check(read_json(request))
-    backend, key = get_backend(), request.ctx.key
+    router, key = get_router(), request.ctx.key
     for item in items:
-        require_model_access(key, item.model)
+        require_model_access(key, item.public_model)
     if items:
-        request.ctx.model = items[0].model
+        request.ctx.model = items[0].public_model
     await admit(request.ctx)  # worker calls, so the key's limits apply as everywhere
-    results = []
-    for item in items:
-
-        async def count(address: str, item=item) -> tuple[int, int]:
-            context_length = await backend.context_length(address, item.model)
-            return await backend.count_tokens(address, item.model, item.prompt), context_length
-
-        token_count, context_length = await backend.on_worker(item.model, count)
-        results.append({
-            "fits": token_count + item.max_tokens <= context_length,
-            "tokenCount": token_count,
-            "contextLength": context_length,
-        })
-    return json_response({"prompts": results})
+    return json_response({"prompts": [await router.token_check(item) for item in items]})
 
 
 @api_endpoint("GET", authenticated=False)
@@ -129,7 +133,7 @@ async def health(request: HttpRequest) -> HttpResponse:
 
 @api_endpoint("GET", authenticated=False)
 async def ready(request: HttpRequest) -> HttpResponse:
-    """Ready when the database and the FastChat controller both answer."""
+    """Ready when the database and the upstreams (zero configuration: the controller) answer."""
     from asgiref.sync import sync_to_async
     from django.db import connection
 
@@ -143,11 +147,7 @@ async def ready(request: HttpRequest) -> HttpResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    try:
-        await get_backend().client.ping_controller()
-        checks["controller"] = "ok"
-    except OpenAIError as exc:
-        checks["controller"] = f"error: {exc.message}"
+    checks.update(await get_router().ready())
     healthy = all(value == "ok" for value in checks.values())
     answer = {"status": "ok" if healthy else "unavailable"}
     # What failed, and how, names internal addresses: for this host and token holders only.

@@ -102,7 +102,7 @@ def start_gateway(tmp_path: Path, controller_url: str, server: str = "daphne",
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One demo worker: the models it serves and its extra flags (openai_api/demo_worker.py)."""
+    """One demo worker: the models it serves and its extra flags (upstreams/fastchat/demo_worker.py)."""
 
     models: tuple[str, ...]
     extra_args: tuple[str, ...] = ()

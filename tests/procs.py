@@ -89,9 +89,9 @@ def start_demo_worker(
     conv_template: str = "vicuna_v1.1",
     extra_args: Iterable[str] = (),
     log_path: str | Path | None = None,
-    program: Iterable[str] = ("-m", "openai_api.demo_worker"),
+    program: Iterable[str] = ("-m", "upstreams.fastchat.demo_worker"),
 ) -> subprocess.Popen[bytes]:
-    """Start ``openai_api.demo_worker`` (or ``program``, which takes its flags, such as
+    """Start ``upstreams.fastchat.demo_worker`` (or ``program``, which takes its flags, such as
     bench/fast_worker.py) on 127.0.0.1:``port`` and wait until it listens.
 
     With ``controller_url`` None the worker does not register (``--no-register``).

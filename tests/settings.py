@@ -7,6 +7,8 @@ in the environment here, before the settings load, also gives it to every proces
 import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-secret-key-never-used-in-production")
+# Upstream API keys are encrypted with it (upstreams/crypto.py); a fixed Fernet key, tests only.
+os.environ.setdefault("GATEWAY_ENCRYPTION_KEY", "dGVzdHMtb25seS1mZXJuZXQta2V5LTMyLWJ5dGVzISE=")
 
 from gateway_project.settings import *  # noqa: E402, F403
 

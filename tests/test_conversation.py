@@ -10,7 +10,7 @@ import pytest
 from fastchat.conversation import SeparatorStyle as FastChatStyle
 from fastchat.conversation import conv_templates, get_conv_template
 
-from openai_api.conversation import (
+from upstreams.fastchat.conversation import (
     IMAGE_PLACEHOLDER,
     PromptError,
     SeparatorStyle,

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from openai_api.demo_worker import REPLY, SERVER_ERROR_MSG
+from upstreams.fastchat.demo_worker import REPLY, SERVER_ERROR_MSG
 from tests.procs import (
     free_port,
     start_controller,

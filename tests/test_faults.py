@@ -10,7 +10,7 @@ import httpx
 from asgiref.testing import ApplicationCommunicator
 
 from gateway_project.asgi import application
-from openai_api.client import reset_http_client
+from upstreams.transport import reset_http_client
 from tests.asgi import http_scope, request, stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream

@@ -140,7 +140,8 @@ class LabelTests(GatewayTestCase):
         """Codes given as literals in the code (code="...", ctx.finish(status, "...")) must be in
         the closed set, or their requests would be counted as "other"."""
         found = set()
-        for path in (Path(__file__).resolve().parent.parent / "openai_api").glob("*.py"):
+        root = Path(__file__).resolve().parent.parent
+        for path in [*(root / "openai_api").glob("*.py"), *(root / "upstreams").rglob("*.py")]:
             text = path.read_text()
             found |= set(re.findall(r'\bcode="([a-z_]+)"', text))
             found |= set(re.findall(r'finish\(\d+, "([a-z_]+)"\)', text))

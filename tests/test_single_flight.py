@@ -1,10 +1,10 @@
-"""openai_api.single_flight.SingleFlight: one upstream call for everyone who needs it at once."""
+"""gateway_project.single_flight.SingleFlight: one upstream call for everyone who needs it at once."""
 from __future__ import annotations
 
 import asyncio
 import unittest
 
-from openai_api.single_flight import SingleFlight
+from gateway_project.single_flight import SingleFlight
 
 
 class SingleFlightTests(unittest.IsolatedAsyncioTestCase):

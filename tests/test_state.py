@@ -9,9 +9,9 @@ from django.test import SimpleTestCase
 from gateway_project import state
 from keys.limits import MemoryLimitStore, get_limit_store
 from keys.usage import usage_writer
-from openai_api import client
+from upstreams import transport as client
 from openai_api.auth import key_cache
-from openai_api.backend import get_backend
+from upstreams.router import get_router
 
 
 class ProcessStateTests(SimpleTestCase):
@@ -19,11 +19,11 @@ class ProcessStateTests(SimpleTestCase):
         state.reset()
 
     def test_a_part_is_built_once_and_rebuilt_after_a_reset(self):
-        backend, store = get_backend(), get_limit_store()
-        self.assertIs(get_backend(), backend)
+        router, store = get_router(), get_limit_store()
+        self.assertIs(get_router(), router)
         self.assertIs(get_limit_store(), store)
         state.reset()
-        self.assertIsNot(get_backend(), backend)
+        self.assertIsNot(get_router(), router)
         self.assertIsNot(get_limit_store(), store)
 
     def test_parts_held_by_name_are_emptied_in_place(self):

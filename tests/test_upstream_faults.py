@@ -18,8 +18,8 @@ from keys.limits import get_limit_store
 from keys.models import APIKey
 from keys.usage import usage_writer
 from openai_api.auth import key_cache
-from openai_api.backend import reset_backend
-from openai_api.client import reset_http_client
+from upstreams.adapters import reset_adapters
+from upstreams.transport import reset_http_client
 from tests.asgi import http_scope
 from tests.base import GatewayTestCase
 from tests.fakes import CONTROLLER, WORKER
@@ -207,7 +207,7 @@ class GarbageTests(GatewayTestCase):
         self.fake.raw_stream = b'{"text": "' + b"a" * 10_000
         await self.assertBadGateway(*self.all_kinds())
         self.fake.raw_stream = None
-        reset_backend()  # forget the template fetched above
+        reset_adapters()  # forget the template fetched above
         self.fake.answers["/worker_get_conv_template"] = {"conv": {"padding": "x" * 10_000}}
         body = self.assertError(await self.post(CHAT, BODY), 502)
         self.assertIn("GATEWAY_UPSTREAM_MAX_BYTES", body["message"])
@@ -221,7 +221,7 @@ class GarbageTests(GatewayTestCase):
         for path, answers in cases.items():
             for answer in answers:
                 with self.subTest(path=path, answer=answer):
-                    reset_backend()  # nothing cached from an earlier case
+                    reset_adapters()  # nothing cached from an earlier case
                     self.fake.answers = {path: answer}
                     body = {"model": "m1", "messages": BODY["messages"]}  # no max_tokens: count_token is asked
                     self.assertError(await self.post(CHAT, body), 502)
@@ -230,7 +230,7 @@ class GarbageTests(GatewayTestCase):
         for path, answer in (("/list_models", {"models": "m1"}), ("/list_models", [1]), ("/list_models", {"models": [1]}),
                              ("/get_worker_address", {"address": 5}), ("/get_worker_address", None)):
             with self.subTest(path=path, answer=answer):
-                reset_backend()
+                reset_adapters()
                 self.fake.answers = {path: answer}
                 self.assertError(await self.post(CHAT, BODY), 502)
 
@@ -282,7 +282,7 @@ class WorkerAddressTests(GatewayTestCase):
     async def test_addresses_that_are_not_http_are_refused(self):
         for address in ("ftp://worker.test", "file:///etc/passwd", "worker.test:21002", "http://", "javascript:alert(1)"):
             with self.subTest(address=address):
-                reset_backend()
+                reset_adapters()
                 self.fake.workers = [address]
                 body = self.assertError(await self.post(CHAT, BODY), 502, code="invalid_worker_address")
                 self.assertIn("worker address", body["message"])
@@ -293,11 +293,11 @@ class WorkerAddressTests(GatewayTestCase):
         # The fake controller hands these out in turn, starting with the second.
         self.fake.workers = ["https://elsewhere.test:8443", "http://worker.test"]
         with self.settings(GATEWAY_WORKER_ALLOWED_HOSTS=["worker.test", "other.test:9000"]):
-            reset_backend()
+            reset_adapters()
             self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
             self.assertError(await self.post(CHAT, BODY), 502, code="invalid_worker_address")
         with self.settings(GATEWAY_WORKER_ALLOWED_HOSTS=["elsewhere.test:8443"]):
-            reset_backend()
+            reset_adapters()
             self.assertError(await self.post(CHAT, BODY), 502, code="invalid_worker_address")
 
 
@@ -324,7 +324,7 @@ class NoInternalAddressTests(GatewayTestCase):
                                (COMPLETIONS, {"model": "m1", "prompt": "Hi", "stream": True}),
                                ("/v1/embeddings", {"model": "embed", "input": ["x"]})):
                 with self.subTest(fault=name, path=path, stream=body.get("stream", False)):
-                    reset_backend()
+                    reset_adapters()
                     self.fake = type(self.fake)(**fault)
                     reset_http_client(self.fake.transport())
                     response = await self.post(path, body)

@@ -17,8 +17,8 @@ from django.test import override_settings
 
 from gateway_project.asgi import application
 from keys.usage import usage_writer
-from openai_api.client import get_transport, reset_http_client
-from openai_api.demo_worker import DemoWorker, parse_args
+from upstreams.transport import get_transport, reset_http_client
+from upstreams.fastchat.demo_worker import DemoWorker, parse_args
 from tests.asgi import http_scope
 from tests.base import GatewayTestCase
 from tests.procs import free_port

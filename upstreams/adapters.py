@@ -5,22 +5,34 @@ long as its spec: a changed spec (new address, key, timeouts) gets a new adapter
 """
 from __future__ import annotations
 
+from typing import Any
+
 from gateway_project import state
-from upstreams.base import FASTCHAT, Adapter, UpstreamSpec
+from upstreams.base import FASTCHAT, OPENAI, Adapter
 
 
-def build(spec: UpstreamSpec) -> Adapter:
+def build(spec: Any) -> Adapter:
+    """A new adapter for `spec` (upstreams/registry.py's UpstreamSpec)."""
     if spec.kind == FASTCHAT:
         from upstreams.fastchat.adapter import FastChatAdapter
 
         return FastChatAdapter.from_spec(spec)
+    if spec.kind == OPENAI:
+        from upstreams.openai.adapter import OpenAIAdapter
+
+        return OpenAIAdapter.from_spec(spec)
     raise ValueError(f"No adapter for upstream kind {spec.kind!r}.")
 
 
-def adapter_for(spec: UpstreamSpec) -> Adapter:
+def adapter_for(spec: Any) -> Adapter:
     """The process's adapter for `spec` (rebuilt when the spec changes)."""
-    cache: dict[str, tuple[UpstreamSpec, Adapter]] = state.get("adapters")
+    cache: dict[str, tuple[Any, Adapter]] = state.get("adapters")
     cached = cache.get(spec.name)
     if cached is None or cached[0] != spec:
         cached = cache[spec.name] = (spec, build(spec))
     return cached[1]
+
+
+def reset_adapters() -> None:
+    """Forget every adapter and its caches (tests, settings changes): rebuilt on next use."""
+    state.forget("adapters")

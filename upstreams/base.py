@@ -27,26 +27,6 @@ OPENAI = "openai"
 
 
 @dataclass(frozen=True)
-class UpstreamSpec:
-    """One upstream as the registry describes it (frozen: a snapshot, cheap to share). For a
-    FastChat upstream `base_url` is its controller's address."""
-
-    name: str
-    kind: str
-    base_url: str
-    api_key: str | None = field(default=None, repr=False)  # plaintext, in memory only
-    enabled: bool = True
-    priority: int = 0
-    weight: int = 1
-    connect_timeout: float | None = None
-    first_byte_timeout: float | None = None
-    idle_timeout: float | None = None
-    max_concurrency: int | None = None
-    extra_headers: tuple[tuple[str, str], ...] = ()
-    discover_models: bool = True
-
-
-@dataclass(frozen=True)
 class Route:
     """A public model served by one upstream under `upstream_model` (its name there)."""
 
@@ -58,7 +38,8 @@ class Route:
     weight: int = 1
     capabilities: frozenset[str] = frozenset()
     max_concurrency: int | None = None
-    spec: UpstreamSpec | None = field(default=None, compare=False, repr=False)
+    # The upstream's spec (upstreams/registry.py's UpstreamSpec), for adapters.adapter_for().
+    spec: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -60,19 +60,18 @@ def cipher() -> MultiFernet:
     """The MultiFernet for the configured keys (built once per distinct configuration)."""
     global _cache
     keys = tuple(configured_keys())
+    if not keys:
+        if not may_derive():
+            raise EncryptionKeyMissing()
+        keys = (derived_key().decode(),)
     if _cache is not None and _cache[0] == keys:
         return _cache[1]
-    if keys:
-        try:
-            fernets = [Fernet(key) for key in keys]
-        except (ValueError, TypeError):
-            raise EncryptionKeyInvalid(
-                "GATEWAY_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64-encoded bytes each), comma-separated"
-            ) from None
-    elif may_derive():
-        fernets = [Fernet(derived_key())]
-    else:
-        raise EncryptionKeyMissing()
+    try:
+        fernets = [Fernet(key) for key in keys]
+    except (ValueError, TypeError):
+        raise EncryptionKeyInvalid(
+            "GATEWAY_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64-encoded bytes each), comma-separated"
+        ) from None
     _cache = (keys, MultiFernet(fernets))
     return _cache[1]
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 
 from upstreams import crypto
@@ -69,7 +70,21 @@ def validate_extra_headers(value: Any) -> None:
             raise ValidationError(f"The value of {name} must be a string of at most 1000 characters, on one line.")
 
 
-validate_base_url = URLValidator(schemes=["http", "https"], message="Enter an http:// or https:// URL.")
+def validate_base_url(value: str) -> None:
+    """http(s)://host[:port][/path]; any host name (single-label names like `vllm` in a container
+    network too); no user:password@ (credentials belong in the API key, which is encrypted)."""
+    message = "Enter an http:// or https:// URL."
+    if not isinstance(value, str) or re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise ValidationError(message)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ValidationError(message) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValidationError(message)
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError("Put credentials in the API key (stored encrypted), not in the URL.")
 timeout_validators = [MinValueValidator(0.001), MaxValueValidator(MAX_TIMEOUT)]
 
 

@@ -1,7 +1,8 @@
 """An upstream's health as the admin and `manage.py upstreams` show it, and "test now".
 
-The states come from upstreams/health.py (`state_of(name)`, `probe_now(name)`); a process where it
-cannot tell shows "unknown". "test now" falls back to the adapter's own probe.
+The states come from upstreams/health.py (`state_of(name)`, `probe_now(name)`); when it cannot
+tell, "unknown". "test now" of a disabled upstream (which the health module does not probe) asks
+the adapter's own probe. Errors are cut to MAX_ERROR_CHARS, with the upstream's key cut out.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def status_of(name: str, *, enabled: bool = True, api_key: str | None = None) ->
     except ImportError:
         return Status()
     try:
-        found = _resolve(health.state_of(name))
+        found = health.state_of(name, enabled=enabled)
     except Exception:  # the health store (Redis) is down: the page still renders
         return Status(last_error="the health state cannot be read now")
     if found is None:
@@ -87,15 +88,18 @@ def test_now(upstream) -> TestResult:
         probe_now = health.probe_now
     except (ImportError, AttributeError):
         probe_now = None
+    from upstreams import registry
     from upstreams.registry import readable_key, spec_of
 
     api_key = readable_key(upstream)
-    if probe_now is not None:
+    if probe_now is not None and upstream.enabled:
+        registry.snapshot()  # read here, in a thread without an event loop, for the health module
         probe = _resolve(probe_now(upstream.name))
     else:
         from upstreams.adapters import adapter_for
 
         probe = _resolve(adapter_for(spec_of(upstream, api_key)).probe())
-    return TestResult(ok=bool(getattr(probe, "ok", False)), latency_ms=getattr(probe, "latency_ms", None),
-                      failure=getattr(probe, "failure", None) or getattr(probe, "state", None),
+    ok = probe.ok if hasattr(probe, "ok") else getattr(probe, "state", None) == "healthy"
+    return TestResult(ok=bool(ok), latency_ms=getattr(probe, "latency_ms", None),
+                      failure=None if ok else (getattr(probe, "failure", None) or getattr(probe, "state", None)),
                       message=redact(getattr(probe, "message", "") or getattr(probe, "last_error", ""), api_key))

@@ -56,7 +56,7 @@ class Command(BaseCommand):
             wait_for_port(options["controller_port"], 30)
             worker_port = options["worker_port"]
             processes.append(self.spawn(
-                [sys.executable, "-m", "openai_api.demo_worker", "--host", "127.0.0.1", "--port", str(worker_port),
+                [sys.executable, "-m", "upstreams.fastchat.demo_worker", "--host", "127.0.0.1", "--port", str(worker_port),
                  "--worker-address", f"http://127.0.0.1:{worker_port}", "--controller-address", controller,
                  "--model-names", options["models"]], logdir, "worker"))
             self.wait_for_models(controller, options["models"].split(","))

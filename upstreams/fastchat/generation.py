@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from openai_api.backend import Backend
-from openai_api.client import WorkerStream, check_worker_error
-from openai_api.counts import token_count
-from openai_api.errors import ContextLengthError, UpstreamError
-from openai_api.protocol import Sampling
+from upstreams.calls import Sampling
+from upstreams.errors import BadAnswer, ContextOverflow
+from upstreams.fastchat.backend import Backend
+from upstreams.fastchat.client import CONTEXT_OVERFLOW, WorkerStream, check_worker_error
+from upstreams.usage import MAX_TOKEN_COUNT, Usage, token_count
 
 T = TypeVar("T")
 
@@ -24,7 +24,7 @@ UNLIMITED = 1024 * 1024
 
 
 async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str, max_tokens: int | None, param: str) -> int:
-    """FastChat's check_length: the max_new_tokens to send, or ContextLengthError.
+    """FastChat's check_length: the max_new_tokens to send, or ContextOverflow.
 
     A max_tokens that does not fit is lowered to what the context leaves, as FastChat does
     (docs/decisions.md#context-length).
@@ -35,10 +35,10 @@ async def fit_max_tokens(backend: Backend, address: str, model: str, prompt: str
     prompt_tokens = await backend.count_tokens(address, model, prompt)
     length = min(max_tokens or UNLIMITED, context_length - prompt_tokens)
     if length <= 0:
-        raise ContextLengthError(
+        raise ContextOverflow(
             f"This model's maximum context length is {context_length} tokens. However, your "
             f"messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
-            param=param,
+            param=param, fastchat_code=CONTEXT_OVERFLOW,
         )
     return length
 
@@ -117,7 +117,7 @@ async def open_primed_stream(backend: Backend, address: str, params: dict[str, A
         return PrimedStream(stream, first, rest)
     except StopAsyncIteration:
         await stream.aclose()
-        raise UpstreamError("The worker closed the stream without sending anything.", upstream_url=stream.url) from None
+        raise BadAnswer("The worker closed the stream without sending anything.", log_detail=stream.url) from None
     except BaseException:
         await stream.aclose()
         raise
@@ -151,7 +151,7 @@ class TextDelta:
         if self.finish_sent or (self.finish_reason is None and not stream_ended):
             return False
         if self.finish_reason is not None and not isinstance(self.finish_reason, str):
-            raise UpstreamError("The worker sent an invalid finish_reason.")
+            raise BadAnswer("The worker sent an invalid finish_reason.")
         self.finish_reason = self.finish_reason or "stop"
         self.finish_sent = True
         return True
@@ -166,19 +166,11 @@ class TextDelta:
         return {key: list(values[start:]) for key, values in logprobs.items() if isinstance(values, list)}
 
 
-def usage_block(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def reported_usage(streams: list[Any], n: int) -> tuple[dict[str, int], bool]:
+def reported_usage(streams: list[Any], n: int) -> tuple[Usage, bool]:
     """The usage the workers reported so far for streams in prompt-major order (n per prompt):
     prompt tokens once per prompt (not per choice), completion tokens over every choice.
 
-    Every count is checked (counts.py); an invalid one counts as 0 and makes the second value
+    Every count is checked (upstreams/usage.py); an invalid one counts as 0 and makes the second value
     False, for the answer to become a 502 (the usage recorded keeps the valid counts).
     """
     valid = True
@@ -199,4 +191,4 @@ def reported_usage(streams: list[Any], n: int) -> tuple[dict[str, int], bool]:
         group = usages[start:start + n]
         prompt_tokens += max(count(usage, "prompt_tokens") for usage in group)
         completion_tokens += sum(count(usage, "completion_tokens") for usage in group)
-    return usage_block(prompt_tokens, completion_tokens), valid
+    return Usage(min(prompt_tokens, MAX_TOKEN_COUNT), min(completion_tokens, MAX_TOKEN_COUNT)), valid

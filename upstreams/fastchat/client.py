@@ -1,17 +1,15 @@
 """The FastChat controller/worker client (the wire protocol: docs/fastchat-protocol.md).
 
-Every method either returns parsed data or raises one of the gateway's upstream errors:
-WorkerUnreachableError (connection refused or dropped before an answer: ask the controller
-for another worker), UpstreamTimeoutError, UpstreamUnavailableError (no worker, controller
-down) or UpstreamError (the upstream answered, but with an error).
+Every method either returns parsed data or raises an upstreams/errors.py failure:
+WorkerGone (connection refused or dropped before an answer: ask the controller for another
+worker), UpstreamTimeout, Unreachable (no worker, controller down) or another UpstreamFailure
+(the upstream answered, but with an error, or with garbage).
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -19,71 +17,43 @@ import aiohttp
 import httpx
 import orjson
 from django.conf import settings
-from httpx_aiohttp import AiohttpTransport
 
-from openai_api.counts import token_count
-from openai_api.errors import (
-    InvalidWorkerAddressError,
-    UpstreamError,
-    UpstreamTimeoutError,
-    UpstreamUnavailableError,
-    worker_error,
+from upstreams.errors import (
+    BadAnswer,
+    ContextOverflow,
+    OutOfMemory,
+    ServerFailure,
+    Unreachable,
+    UpstreamFailure,
+    UpstreamTimeout,
 )
+from upstreams.transport import get_transport, parsed_url
+from upstreams.usage import token_count
 
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway")]
 
+# FastChat's error codes (fastchat/constants.py) the gateway acts on or sends.
+INTERNAL_ERROR = 50001
+CUDA_OUT_OF_MEMORY = 50002
+CONTEXT_OVERFLOW = 40303
+NO_WORKER = 50005
+# A worker's error text is passed on to the client, up to this length.
+MAX_WORKER_ERROR_TEXT = 2000
 
-class WorkerUnreachableError(UpstreamUnavailableError):
+
+class WorkerGone(Unreachable):
     """The worker did not take the request: another worker (or a retry) may."""
 
     code = "worker_unreachable"
 
 
-# One pooled transport per event loop: aiohttp sessions are bound to the loop that made them.
-# Requests go to the transport directly: httpx.AsyncClient's redirects, auth, cookies and URL
-# merging cost more CPU than the call itself here and are not needed for a known upstream.
-_transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport] = (
-    weakref.WeakKeyDictionary()
-)
-_test_transport: httpx.AsyncBaseTransport | None = None
-
-
-def get_transport() -> httpx.AsyncBaseTransport:
-    """The process's pooled transport for the running event loop, built on first use."""
-    loop = asyncio.get_running_loop()
-    transport = _transports.get(loop)
-    if transport is None:
-        transport = _test_transport or AiohttpTransport(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        )
-        _transports[loop] = transport
-    return transport
-
-
-async def close_transport() -> None:
-    """Close the running loop's pooled transport (its aiohttp session and connections), at
-    server shutdown: left to the garbage collector, aiohttp logs "Unclosed client session"."""
-    transport = _transports.pop(asyncio.get_running_loop(), None)
-    if transport is not None and transport is not _test_transport:
-        await transport.aclose()
-
-
-def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None:
-    """Forget pooled transports; the next call uses `transport` (tests pass a fake)."""
-    global _test_transport
-    _test_transport = transport
-    _transports.clear()
+def no_worker(message: str, **kwargs: Any) -> Unreachable:
+    return Unreachable(message, code="service_unavailable", fastchat_code=NO_WORKER, **kwargs)
 
 
 Timeouts = dict[str, float | None]  # httpx's timeout extension: connect, read, write, pool
-
-
-@functools.lru_cache(maxsize=1024)
-def parsed_url(url: str) -> httpx.URL:
-    """The few upstream URLs (controller and worker routes) are parsed once, not per call."""
-    return httpx.URL(url)
 
 
 async def post(url: str, content: bytes, timeout: Timeouts, who: str) -> httpx.Response:
@@ -96,7 +66,7 @@ async def post(url: str, content: bytes, timeout: Timeouts, who: str) -> httpx.R
         raise translate_transport_error(exc, url, who) from exc
 
 
-def translate_transport_error(exc: httpx.HTTPError, url: str, who: str) -> UpstreamUnavailableError | UpstreamTimeoutError:
+def translate_transport_error(exc: httpx.HTTPError, url: str, who: str) -> WorkerGone | UpstreamTimeout:
     """Map a transport failure to a gateway error (`who`: "worker" or "controller"; the URL is
     kept on the error for the logs, never put in its message).
 
@@ -107,16 +77,17 @@ def translate_transport_error(exc: httpx.HTTPError, url: str, who: str) -> Upstr
     if isinstance(cause, aiohttp.ServerTimeoutError) or (
         cause is None and isinstance(exc, httpx.TimeoutException)
     ):
-        return UpstreamTimeoutError(f"The {who} did not answer within the timeout.", upstream_url=url)
-    return WorkerUnreachableError(f"Could not reach the {who} ({type(cause or exc).__name__}).", upstream_url=url)
+        return UpstreamTimeout(f"The {who} did not answer within the timeout.", log_detail=url)
+    return WorkerGone(f"Could not reach the {who} ({type(cause or exc).__name__}).", log_detail=url)
 
 
-def overdue(who: str, url: str) -> UpstreamTimeoutError:
-    return UpstreamTimeoutError(f"The {who} did not finish within GATEWAY_UPSTREAM_DEADLINE.", upstream_url=url)
+def overdue(who: str, url: str) -> UpstreamTimeout:
+    return UpstreamTimeout(f"The {who} did not finish within GATEWAY_UPSTREAM_DEADLINE.", log_detail=url,
+                           retryable=False)
 
 
-def too_large(what: str, limit: int, url: str) -> UpstreamError:
-    return UpstreamError(f"The {what} exceeded GATEWAY_UPSTREAM_MAX_BYTES ({limit} bytes).", upstream_url=url)
+def too_large(what: str, limit: int, url: str) -> BadAnswer:
+    return BadAnswer(f"The {what} exceeded GATEWAY_UPSTREAM_MAX_BYTES ({limit} bytes).", log_detail=url)
 
 
 @functools.lru_cache(maxsize=256)
@@ -169,20 +140,21 @@ class FastChatClient:
         data = await self._controller("/list_models")
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, list) or not all(isinstance(name, str) for name in models):
-            raise UpstreamError("The controller answered with an invalid model list.")
+            raise BadAnswer("The controller answered with an invalid model list.")
         return models
 
     async def get_worker_address(self, model: str) -> str:
-        """The address of a worker serving `model`; raises UpstreamUnavailableError if none,
-        InvalidWorkerAddressError if the gateway may not call the one handed out."""
+        """The address of a worker serving `model`; raises Unreachable if none, BadAnswer
+        (invalid_worker_address) if the gateway may not call the one handed out."""
         data = await self._controller("/get_worker_address", {"model": model})
         address = data.get("address") if isinstance(data, dict) else None
         if address == "":
-            raise UpstreamUnavailableError(f"No worker is available for model {model!r}. Please retry later.")
+            raise no_worker(f"No worker is available for model {model!r}. Please retry later.")
         checked = checked_worker_address(address, self.allowed_worker_hosts) if isinstance(address, str) else None
         if checked is None:
             logger.warning("The controller handed out a worker address that is refused: %r", address)
-            raise InvalidWorkerAddressError(upstream_url=str(address))
+            raise BadAnswer("The controller handed out a worker address the gateway does not accept.",
+                            code="invalid_worker_address", log_detail=str(address))
         return checked
 
     async def ping_controller(self) -> None:
@@ -194,7 +166,7 @@ class FastChatClient:
         data = await self._worker(address, "/model_details", {"model": model})
         length = token_count(data.get("context_length")) if isinstance(data, dict) else None
         if not length:
-            raise UpstreamError("The worker reported an invalid context length.", upstream_url=address)
+            raise BadAnswer("The worker reported an invalid context length.", log_detail=address)
         return length
 
     async def count_tokens(self, address: str, model: str, prompt: str) -> int:
@@ -202,21 +174,21 @@ class FastChatClient:
         check_worker_error(data)
         count = token_count(data.get("count"))
         if count is None:
-            raise UpstreamError("The worker reported an invalid token count.", upstream_url=address)
+            raise BadAnswer("The worker reported an invalid token count.", log_detail=address)
         return count
 
     async def conv_template(self, address: str, model: str) -> dict[str, Any]:
         data = await self._worker(address, "/worker_get_conv_template", {"model": model})
         conv = data.get("conv") if isinstance(data, dict) else None
         if not isinstance(conv, dict):
-            raise UpstreamError("The worker sent an invalid conversation template.", upstream_url=address)
+            raise BadAnswer("The worker sent an invalid conversation template.", log_detail=address)
         return conv
 
     async def embeddings(self, address: str, params: dict[str, Any]) -> dict[str, Any]:
         data = await self._worker(address, "/worker_get_embeddings", params)
         check_worker_error(data)
         if not isinstance(data.get("embedding"), list) or token_count(data.get("token_num", 0)) is None:
-            raise UpstreamError("The worker answered with invalid embeddings.", upstream_url=address)
+            raise BadAnswer("The worker answered with invalid embeddings.", log_detail=address)
         return data
 
     async def open_stream(self, address: str, params: dict[str, Any]) -> WorkerStream:
@@ -227,7 +199,7 @@ class FastChatClient:
         response = await post(url, orjson.dumps(params), self.worker_timeout, "worker")
         if response.status_code != 200:
             await response.aclose()
-            raise UpstreamError(f"The worker answered HTTP {response.status_code}.", upstream_url=url)
+            raise ServerFailure(f"The worker answered HTTP {response.status_code}.", log_detail=url)
         return WorkerStream(response, url, deadline, self.max_bytes)
 
     # Plumbing
@@ -236,10 +208,9 @@ class FastChatClient:
         url = self.controller_address + path
         try:
             return await self._post(url, payload, self.controller_timeout, "controller")
-        except WorkerUnreachableError as exc:
-            raise UpstreamUnavailableError(
-                "The FastChat controller cannot be reached.", code="controller_unreachable", upstream_url=url,
-            ) from exc
+        except WorkerGone as exc:
+            raise Unreachable("The FastChat controller cannot be reached.", code="controller_unreachable",
+                              fastchat_code=NO_WORKER, log_detail=url) from exc
 
     async def _worker(self, address: str, path: str, payload: dict) -> Any:
         return await self._post(address + path, payload, self.worker_timeout, "worker")
@@ -250,11 +221,11 @@ class FastChatClient:
         response = await post(url, content, timeout, who)
         body = await self._read_body(response, url, who, deadline)
         if response.status_code != 200:
-            raise UpstreamError(f"The {who} answered HTTP {response.status_code}.", upstream_url=url)
+            raise ServerFailure(f"The {who} answered HTTP {response.status_code}.", log_detail=url)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"The {who} answered with invalid JSON.", upstream_url=url) from None
+            raise BadAnswer(f"The {who} answered with invalid JSON.", log_detail=url) from None
 
     async def _read_body(self, response: httpx.Response, url: str, who: str, deadline: float) -> bytes:
         """The whole body, within the deadline and the size cap; the response is closed."""
@@ -275,12 +246,25 @@ class FastChatClient:
 
 
 def check_worker_error(data: Any) -> None:
-    """Raise the gateway error for an error chunk (or a body that is not a JSON object)."""
+    """Raise the failure for an error chunk (or a body that is not a JSON object)."""
     if not isinstance(data, dict):
-        raise UpstreamError("The worker answered with an unexpected body.")
+        raise BadAnswer("The worker answered with an unexpected body.")
     error_code = data.get("error_code", 0)
     if error_code:
         raise worker_error(data.get("text"), error_code)
+
+
+def worker_error(text: Any, error_code: Any) -> UpstreamFailure:
+    """The failure for an error a worker reported ({"text", "error_code"}). Whatever the worker
+    put there, the result is a well-formed failure (a 502 unless the code says otherwise)."""
+    text = text[:MAX_WORKER_ERROR_TEXT] if isinstance(text, str) and text else "The model worker failed."
+    if type(error_code) is not int or not 10000 <= error_code <= 99999:
+        error_code = INTERNAL_ERROR
+    if error_code == CUDA_OUT_OF_MEMORY:
+        return OutOfMemory(text, fastchat_code=error_code)
+    if error_code == CONTEXT_OVERFLOW:
+        return ContextOverflow(text, fastchat_code=error_code)
+    return UpstreamFailure(text, fastchat_code=error_code)
 
 
 class WorkerStream:
@@ -310,7 +294,7 @@ class WorkerStream:
         async for raw in self._chunks(parse=False):
             self._previous_raw, self._latest_raw = self._latest_raw, raw
         if self._latest_raw is None:
-            raise UpstreamError("The worker closed the stream without sending anything.", upstream_url=self.url)
+            raise BadAnswer("The worker closed the stream without sending anything.", log_detail=self.url)
         chunk = parse_chunk(self._latest_raw)
         self._latest_raw = None
         usage = chunk.get("usage")
@@ -352,8 +336,8 @@ class WorkerStream:
                         raise too_large("worker's stream chunk", self.max_bytes, self.url)
         except httpx.HTTPError as exc:
             error = translate_transport_error(exc, self.url, "worker")
-            if isinstance(error, WorkerUnreachableError):
-                error = UpstreamError("The worker closed the stream before it finished.", upstream_url=self.url)
+            if isinstance(error, WorkerGone):
+                error = UpstreamFailure("The worker closed the stream before it finished.", log_detail=self.url)
             raise error from exc
         raw = b"".join(pending)
         if raw.strip():
@@ -374,7 +358,7 @@ def parse_chunk(raw: bytes) -> dict[str, Any]:
     try:
         chunk = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise UpstreamError("The worker sent an invalid stream chunk.") from None
+        raise BadAnswer("The worker sent an invalid stream chunk.") from None
     if not isinstance(chunk, dict):
-        raise UpstreamError("The worker sent an invalid stream chunk.")
+        raise BadAnswer("The worker sent an invalid stream chunk.")
     return chunk

@@ -1,4 +1,4 @@
-"""The gateway's view of FastChat: cached model list, templates and context lengths.
+"""The FastChat adapter's view of one controller: cached model list, templates and context lengths.
 
 Per request the gateway asks the controller for a worker address (keeping the controller's
 load balancing), and only then the worker for a token count and a generation
@@ -12,13 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.conf import settings
-
-from gateway_project import state
-from openai_api.client import FastChatClient, WorkerStream, WorkerUnreachableError
-from openai_api.conversation import Template
-from openai_api.errors import UpstreamError, UpstreamUnavailableError
-from openai_api.single_flight import SingleFlight
+from gateway_project.single_flight import SingleFlight
+from upstreams.errors import BadAnswer, Unreachable
+from upstreams.fastchat.client import NO_WORKER, FastChatClient, WorkerGone, WorkerStream
+from upstreams.fastchat.conversation import Template
 
 T = TypeVar("T")
 
@@ -43,7 +40,7 @@ class AddressPool:
 
 
 class Backend:
-    """Caches in front of a FastChatClient. One per process (see get_backend())."""
+    """Caches in front of a FastChatClient. One per FastChat upstream and process (adapters.py)."""
 
     def __init__(self, client: FastChatClient, model_list_ttl: float, worker_retries: int,
                  address_ttl: float = 0.0, clock=time.monotonic):
@@ -86,7 +83,7 @@ class Backend:
             try:
                 return Template.from_worker(conv)
             except (KeyError, TypeError, ValueError, AttributeError):
-                raise UpstreamError("The worker sent an invalid conversation template.") from None
+                raise BadAnswer("The worker sent an invalid conversation template.") from None
 
         return await self._worker_fact(self._templates, address, model, fetch)
 
@@ -110,7 +107,7 @@ class Backend:
         return await self.client.open_stream(address, params)
 
     async def ping_controller(self) -> None:
-        """Raises an UpstreamUnavailableError if the controller does not answer."""
+        """Raises Unreachable if the controller does not answer."""
         await self.client.ping_controller()
 
     async def _worker_fact(self, cache: dict[tuple[str, str], tuple[T, float]], address: str, model: str,
@@ -164,28 +161,7 @@ class Backend:
             address = await self.worker_address(model, fresh=attempt > 0)
             try:
                 return await action(address)
-            except WorkerUnreachableError:
+            except WorkerGone:
                 self.forget_worker(address)
-        raise UpstreamUnavailableError(
-            f"No worker for model {model!r} could be reached. Please retry later.",
-            code="worker_unreachable", upstream_url=address,
-        )
-
-
-def build_backend() -> Backend:
-    """The process's backend, from the settings (its one instance: gateway_project/state.py)."""
-    return Backend(
-        FastChatClient.from_settings(),
-        model_list_ttl=settings.GATEWAY_MODEL_LIST_TTL,
-        worker_retries=settings.GATEWAY_WORKER_RETRIES,
-        address_ttl=settings.GATEWAY_WORKER_ADDRESS_TTL,
-    )
-
-
-def get_backend() -> Backend:
-    return state.get("backend")
-
-
-def reset_backend() -> None:
-    """Forget every cache (tests, settings changes)."""
-    state.forget("backend")
+        raise Unreachable(f"No worker for model {model!r} could be reached. Please retry later.",
+                          code="worker_unreachable", fastchat_code=NO_WORKER, log_detail=address)

@@ -1,36 +1,34 @@
-"""/v1/chat/completions: the prompt from the worker's template, then n generations of it
-(run and rendered by choices.py)."""
+"""Chat on FastChat: the prompt from the worker's template, then n generations of it (run and
+rendered by choices.py)."""
 from __future__ import annotations
 
 from typing import Any
 
-from django.http import HttpResponse
-
-from openai_api import choices
-from openai_api.backend import Backend
-from openai_api.context import RequestContext
-from openai_api.conversation import PromptError, build_prompt, stop_list
-from openai_api.errors import InvalidRequestError, UpstreamError
-from openai_api.generation import fit_max_tokens, worker_params
-from openai_api.protocol import ChatRequest
+from upstreams.calls import ChatCall
+from upstreams.errors import BadAnswer, InvalidPrompt
+from upstreams.fastchat import choices
+from upstreams.fastchat.backend import Backend
+from upstreams.fastchat.conversation import PromptError, build_prompt, stop_list
+from upstreams.fastchat.generation import fit_max_tokens, worker_params
 
 
-async def chat_params(backend: Backend, address: str, request: ChatRequest) -> dict[str, Any]:
-    template = await backend.template(address, request.model)
+async def chat_params(backend: Backend, address: str, call: ChatCall, model: str) -> dict[str, Any]:
+    """The worker payload for `call`, `model` being the worker's name for it."""
+    template = await backend.template(address, model)
     try:
-        prompt, images = build_prompt(template, request.messages)
+        prompt, images = build_prompt(template, call.messages)
     except PromptError as exc:
-        raise InvalidRequestError(str(exc), param=exc.param) from None
+        raise InvalidPrompt(str(exc), param=exc.param) from None
     except (TypeError, ValueError, AttributeError, KeyError, IndexError):  # a template with bad fields
-        raise UpstreamError("The worker sent an invalid conversation template.") from None
-    sampling = request.sampling
-    max_new_tokens = await fit_max_tokens(backend, address, request.model, prompt, sampling.max_tokens, "messages")
+        raise BadAnswer("The worker sent an invalid conversation template.") from None
+    sampling = call.sampling
+    max_new_tokens = await fit_max_tokens(backend, address, model, prompt, sampling.max_tokens, "messages")
     return worker_params(
-        request.model, prompt, sampling, max_new_tokens,
+        model, prompt, sampling, max_new_tokens,
         stop=stop_list(sampling.stop, template),
         stop_token_ids=None if template.stop_token_ids is None else list(template.stop_token_ids),
         images=images or None,
-        repetition_penalty=request.repetition_penalty,
+        repetition_penalty=call.repetition_penalty,
     )
 
 
@@ -59,10 +57,10 @@ class ChatRendering:
 RENDERING = ChatRendering()
 
 
-async def respond(backend: Backend, request: ChatRequest, ctx: RequestContext) -> HttpResponse:
+def generations(backend: Backend, call: ChatCall, model: str) -> choices.Generations:
     async def payloads(address: str) -> list[dict[str, Any]]:
-        return [await chat_params(backend, address, request)]
+        return [await chat_params(backend, address, call, model)]
 
-    sampling = request.sampling
-    return await choices.respond(backend, choices.Generations(
-        request.model, sampling.n, sampling.stream, sampling.include_usage, RENDERING, payloads), ctx)
+    sampling = call.sampling
+    return choices.Generations(model, call.public_model, sampling.n, sampling.stream, sampling.include_usage,
+                               RENDERING, payloads)

@@ -5,7 +5,7 @@ NUL-delimited cumulative stream chunks, the ``usage`` and ``echo`` quirks, leake
 permits, a /worker_generate generation that outlives its client while a stream stops with its
 client) with a deterministic word tokenizer and a canned reply instead of a model. Test hooks
 live under ``/_fake/`` (``/_fake/log`` shows the queue and the generations running). Run
-``python -m openai_api.demo_worker --help``.
+``python -m upstreams.fastchat.demo_worker --help``.
 """
 
 from __future__ import annotations

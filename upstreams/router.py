@@ -1,0 +1,148 @@
+"""The router: the one interface the face talks to (models, chat, completions, embeddings, each
+streamed or not, and FastChat's extras).
+
+A public model name becomes routes (an upstream and the model's name there, upstreams/base.py's
+Route); a call that needs a capability none of its routes has is refused (CapabilityMissing, a
+400 naming the parameter); otherwise one route's adapter answers. With no upstream registered
+(zero configuration), CONTROLLER_ADDRESS is the one FastChat upstream and every model its
+controller lists is a route to it, so a bare deployment behaves as it did before the registry.
+
+The chosen route is reported to the caller's observer (the face's RequestContext), which puts
+the upstream and route on the request's usage row and metrics.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway_project import state
+from upstreams import registry, routing
+from upstreams.adapters import adapter_for
+from upstreams.base import FASTCHAT, Answer, Observer, Route, Stream
+from upstreams.calls import ChatCall, CompletionsCall, EmbeddingsCall, TokenCheckItem
+from upstreams.errors import ModelUnknown, NoRoute, UpstreamFailure
+from upstreams.fastchat.adapter import CAPABILITIES as FASTCHAT_CAPABILITIES
+
+
+class Router:
+    """One per process (gateway_project/state.py: "upstream_router")."""
+
+    def __init__(self, snapshot=registry.asnapshot, adapters=adapter_for):
+        self._snapshot = snapshot
+        self._adapter_for = adapters
+
+    # Models
+
+    async def models(self) -> list[str]:
+        """The public models, sorted: those of registered upstreams, or the controller's list."""
+        snapshot = await self._snapshot()
+        if snapshot.configured:
+            return snapshot.public_models()
+        return await self._zero_adapter().models()
+
+    def known_models(self) -> list[str]:
+        """The public models as last seen, without asking anyone (metrics labels)."""
+        snapshot = registry.snapshot()
+        if snapshot.configured:
+            return snapshot.public_models()
+        return self._zero_adapter().known_models
+
+    async def has_model(self, model: str) -> bool:
+        """Whether any upstream serves `model`; for the controller's list, an unknown name
+        refreshes it once."""
+        snapshot = await self._snapshot()
+        if snapshot.configured:
+            return bool(snapshot.serving(model))
+        return await self._zero_adapter().has_model(model)
+
+    async def routes(self, public_model: str, call: Any = None) -> list[Route]:
+        """`public_model`'s routes that can serve `call` (all of them without a call);
+        CapabilityMissing when routes exist but none has what the call needs, ModelUnknown when
+        there is none."""
+        snapshot = await self._snapshot()
+        if snapshot.configured:
+            routes = [
+                Route(spec.name, spec.kind, public_model, model.upstream_name, spec.priority, spec.weight,
+                      model.capabilities, spec.max_concurrency, spec)
+                for spec, model in snapshot.serving(public_model)
+            ]
+        else:
+            spec = registry.zero_config_upstream()
+            routes = [Route(spec.name, FASTCHAT, public_model, public_model, capabilities=FASTCHAT_CAPABILITIES,
+                            spec=spec)]
+        if not routes:
+            raise ModelUnknown(f"The model '{public_model}' does not exist", param="model")
+        return routing.capable(routes, call) if call is not None else routes
+
+    async def check(self, call: ChatCall | CompletionsCall | EmbeddingsCall) -> None:
+        """Refuse `call` now if no route of its model can serve it (before limits are taken)."""
+        await self.routes(call.public_model, call)
+
+    # Calls: an Answer, or a primed Stream when the call streams
+
+    async def chat(self, call: ChatCall, observer: Observer | None = None) -> Answer | Stream:
+        if call.stream:
+            return await self._run(call, observer, lambda adapter, route: adapter.chat_stream(call, route))
+        return await self._run(call, observer, lambda adapter, route: adapter.chat(call, route, observer))
+
+    async def completions(self, call: CompletionsCall, observer: Observer | None = None) -> Answer | Stream:
+        if call.stream:
+            return await self._run(call, observer, lambda adapter, route: adapter.completions_stream(call, route))
+        return await self._run(call, observer, lambda adapter, route: adapter.completions(call, route, observer))
+
+    async def embeddings(self, call: EmbeddingsCall, observer: Observer | None = None) -> Answer:
+        return await self._run(call, observer, lambda adapter, route: adapter.embeddings(call, route, observer))
+
+    async def token_check(self, item: TokenCheckItem) -> dict[str, Any]:
+        """FastChat's /api/v1/token_check for one prompt, on a FastChat route of its model."""
+        routes = [route for route in await self.routes(item.public_model) if route.kind == FASTCHAT]
+        if not routes:
+            raise NoRoute(f"No FastChat upstream serves model {item.public_model!r}.")
+        route = routes[0]
+        return await self._adapter_for(route.spec).token_check(item, route)
+
+    async def ready(self) -> dict[str, str]:
+        """Readiness of the upstreams: name -> "ok" or "error: ..." (zero configuration: the
+        controller, as "controller")."""
+        snapshot = await self._snapshot()
+        if snapshot.configured:
+            return {}
+        try:
+            await self._zero_adapter().ping()
+            return {"controller": "ok"}
+        except UpstreamFailure as exc:
+            return {"controller": f"error: {exc.message}"}
+
+    # Plumbing
+
+    def _zero_adapter(self) -> Any:
+        return self._adapter_for(registry.zero_config_upstream())
+
+    async def _run(self, call: Any, observer: Observer | None, attempt) -> Any:
+        routes = await self.routes(call.public_model, call)
+
+        async def on_route(route: Route) -> Any:
+            if observer is not None:
+                observer.on_route(route)
+            result = await attempt(self._adapter_for(route.spec), route)
+            result.route = route
+            return result
+
+        if len(routes) == 1:  # zero configuration, and any model served once: no policy to apply
+            return await on_route(routes[0])
+        return (await routing.with_failover(routes, on_route, usable=lambda route: True))[1]
+
+
+def get_router() -> Router:
+    """The process's router (gateway_project/state.py)."""
+    return state.get("upstream_router")
+
+
+def register_process_state() -> None:
+    """The router and the adapters as process-wide parts; the adapters' pooled transport too
+    (a test may install a fake: state.reset(transport=...))."""
+    from upstreams import transport
+
+    state.provide("upstream_router", Router)
+    state.provide("adapters", dict)
+    state.provide("transport", lambda: None, clear=lambda _: transport.reset_http_client(),
+                  replace=transport.reset_http_client)
