@@ -10,15 +10,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from keys.limits import Limits
 
-LIMIT_KINDS = ("requests", "tokens", "parallel", "budget")
+LIMIT_KINDS = ("requests", "tokens", "parallel", "budget", "money", "unpriced")
+BUDGET_KINDS = ("budget", "money", "unpriced")
 
 
 class LimitExceeded(Exception):
-    """A key's limit refused a request.
+    """A key's or its team's limit refused a request.
 
-    kind: "requests" / "tokens" (per minute), "parallel" or "budget" (tokens per period);
-    limits: the key's limits; retry_after: seconds until a retry may succeed (0 for a budget,
-    which does not come back within a retry); headers: the x-ratelimit-* headers of the answer.
+    kind: "requests" / "tokens" (per minute), "parallel", "budget" (tokens per period), "money"
+    (money per period) or "unpriced" (a money budget cannot admit a model without a price in its
+    currency); limits: the refusing level's limits (limits.scope: "key" or "team");
+    retry_after: seconds until a retry may succeed (0 for a budget, which does not come back
+    within a retry); headers: the x-ratelimit-* headers of the answer.
     """
 
     def __init__(self, kind: str, limits: Limits, retry_after: float, headers: dict[str, str]) -> None:
@@ -28,7 +31,11 @@ class LimitExceeded(Exception):
         self.limits = limits
         self.retry_after = max(0.0, retry_after)
         self.headers = headers
-        super().__init__(f"{kind} limit of key {limits.key_id} reached")
+        super().__init__(f"{kind} limit of {limits.scope} {limits.key_id} reached")
+
+    @property
+    def scope(self) -> str:
+        return self.limits.scope
 
 
 class LimitsUnavailable(Exception):

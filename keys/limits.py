@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Protocol
 
 from asgiref.sync import sync_to_async
@@ -46,7 +47,11 @@ RELEASE_RETRY_DELAYS = (0.25, 5.0)
 
 @dataclass(frozen=True)
 class Limits:
-    """The limits of one key; None means unlimited."""
+    """The limits of one level, a key's or its team's; None means unlimited.
+
+    `key_id` is the id of the level's owner (a team's id for scope "team"). A key's Limits carry
+    its team's in `team`: a request must pass both (docs/decisions.md#limits).
+    """
 
     key_id: int
     requests_per_minute: int | None = None
@@ -54,21 +59,83 @@ class Limits:
     parallel_requests: int | None = None
     token_budget: int | None = None
     budget_period: str = "month"
+    money_budget: Decimal | None = None
+    currency: str = "USD"
+    scope: str = "key"  # "key" or "team"
+    name: str = ""  # the team's name, for the answer's message
+    team: Limits | None = None
+    team_id: int | None = None  # a key's team (names its counters in Redis)
+
+    @property
+    def own(self) -> bool:
+        """This level has a limit of its own."""
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute,
+                                           self.parallel_requests, self.token_budget, self.money_budget))
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute,
-                                           self.parallel_requests, self.token_budget))
+        return self.own or (self.team is not None and self.team.own)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.token_budget is not None or self.money_budget is not None
+
+    @property
+    def money_budget_nanos(self) -> int | None:
+        if self.money_budget is None:
+            return None
+        return int(self.money_budget * 1_000_000_000)  # whole billionths, rounded down
+
+    @property
+    def levels(self) -> tuple[Limits, ...]:
+        """The levels a request must pass, key first."""
+        levels = (self,) if self.own else ()
+        return levels + ((self.team,) if self.team is not None and self.team.own else ())
+
+    @property
+    def wants_money(self) -> bool:
+        return any(level.money_budget is not None for level in self.levels)
+
+
+@dataclass(frozen=True)
+class Worst:
+    """A request's worst case, reserved on admission against every budget: tokens, and its cost
+    in billionths of `currency` (None: the model has no price)."""
+
+    tokens: int = 0
+    nanos: int | None = 0
+    currency: str = ""
+
+
+NOTHING = Worst()
+
+
+@dataclass(frozen=True)
+class Spent:
+    """A level's spend in its budget period so far, as the database counts it."""
+
+    tokens: int = 0
+    nanos: int = 0
 
 
 @dataclass
 class Lease:
-    """A request's admission: released exactly once, with the tokens it used."""
+    """A request's admission: released exactly once, with the tokens (and cost) it used."""
 
     limits: Limits
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     headers: dict[str, str] = field(default_factory=dict)
     released: bool = False
+    worst: Worst = NOTHING
+    price: object = None  # the price the worst case was counted with (accounting settles with it)
+
+
+def over_budget(spent: int, reserved: int, worst: int, budget: int) -> bool:
+    """The one budget rule, for tokens and money, keys and teams (and the Lua scripts below):
+    refused when the budget is spent (spent + reserved >= budget) or when this request's worst
+    case would take it past the budget (spent + reserved + worst > budget)."""
+    committed = spent + reserved
+    return committed >= budget or committed + worst > budget
 
 
 def budget_period_start(period: str, now: datetime | None = None) -> datetime:
@@ -109,11 +176,11 @@ def rate_headers(limits: Limits, requests_used: int, tokens_used: int, request_r
 
 
 class LimitStore(Protocol):
-    async def acquire(self, limits: Limits) -> Lease:
+    async def acquire(self, limits: Limits, worst: Worst = NOTHING) -> Lease:
         """Admit a request, or raise LimitExceeded (refused) or LimitsUnavailable (cannot tell)."""
 
-    async def release(self, lease: Lease, tokens: int) -> None:
-        """Give back a lease and count the tokens the request used."""
+    async def release(self, lease: Lease, tokens: int, nanos: int = 0) -> None:
+        """Give back a lease and count the tokens (and cost, in billionths) the request used."""
 
 
 @dataclass
@@ -122,55 +189,98 @@ class KeyState:
     token_buckets: dict[int, int] = field(default_factory=dict)  # second -> tokens
     parallel: int = 0
     budget_period: str = ""
-    budget_used: int | None = None
+    budget_used: int | None = None  # tokens spent in the period
+    nanos_used: int = 0  # money spent in the period, in billionths
+    reserved: dict[str, tuple[int, int]] = field(default_factory=dict)  # lease id -> (tokens, nanos)
+
+
+def level_key(limits: Limits) -> tuple[str, int]:
+    return limits.scope, limits.key_id
+
+
+def check_budget(limits: Limits, state: KeyState, worst: Worst) -> str | None:
+    """The budget kind that refuses `worst` at this level, if any (over_budget's rule)."""
+    reserved_tokens = sum(t for t, _ in state.reserved.values())
+    if limits.token_budget is not None and over_budget(state.budget_used or 0, reserved_tokens, worst.tokens,
+                                                       limits.token_budget):
+        return "budget"
+    if limits.money_budget is not None:
+        if worst.nanos is None or worst.currency != limits.currency:
+            return "unpriced"
+        reserved_nanos = sum(n for _, n in state.reserved.values())
+        if over_budget(state.nanos_used, reserved_nanos, worst.nanos, limits.money_budget_nanos):
+            return "money"
+    return None
 
 
 class MemoryLimitStore:
-    """Limits for one process. The event loop is single-threaded, so no locks are needed
-    except around the one await (loading a budget's usage from the database)."""
+    """Limits for one process. The event loop is single-threaded, so no locks are needed: every
+    await (loading a budget's spend from the database) comes before the checks, and the checks
+    and the counting of every level run without one."""
 
     def __init__(self, clock=time.time, load_budget_used=None):
         self.clock = clock
-        self.states: dict[int, KeyState] = {}
+        self.states: dict[tuple[str, int], KeyState] = {}
         self._load_budget_used = load_budget_used or default_budget_loader
 
-    async def acquire(self, limits: Limits) -> Lease:
-        state = self.states.setdefault(limits.key_id, KeyState())
-        if limits.token_budget is not None:
-            await self._ensure_budget(state, limits)
+    async def acquire(self, limits: Limits, worst: Worst = NOTHING) -> Lease:
+        levels = limits.levels
+        for level in levels:
+            if level.has_budget:
+                await self._ensure_budget(self.states.setdefault(level_key(level), KeyState()), level)
         now = self.clock()
-        self._prune(state, now)
+        headers: dict[str, str] = {}
+        for level in reversed(levels):  # the key's headers over its team's
+            state = self.states.setdefault(level_key(level), KeyState())
+            self._prune(state, now)
+            headers.update(self._headers(level, state, now, 1))
+        for level in levels:
+            self._check(level, self.states[level_key(level)], now, worst, headers)
+        lease = Lease(limits, headers=headers, worst=worst)
+        for level in levels:
+            state = self.states[level_key(level)]
+            state.requests.append(now)
+            state.parallel += 1
+            if level.has_budget:
+                state.reserved[lease.id] = (worst.tokens, worst.nanos or 0)
+        return lease
+
+    def _headers(self, limits: Limits, state: KeyState, now: float, extra: int) -> dict[str, str]:
         tokens_used = sum(state.token_buckets.values())
         request_reset = state.requests[0] + WINDOW - now if state.requests else 0.0
         token_reset = min(state.token_buckets) + WINDOW - now if state.token_buckets else 0.0
-        headers = rate_headers(limits, len(state.requests) + 1, tokens_used, request_reset, token_reset)
-        if limits.token_budget is not None and state.budget_used >= limits.token_budget:
-            raise LimitExceeded("budget", limits, 0, headers)
+        return rate_headers(limits, len(state.requests) + extra, tokens_used, request_reset, token_reset)
+
+    def _check(self, limits: Limits, state: KeyState, now: float, worst: Worst, headers: dict[str, str]) -> None:
+        if limits.has_budget and (kind := check_budget(limits, state, worst)):
+            raise LimitExceeded(kind, limits, 0, headers)
         if limits.parallel_requests is not None and state.parallel >= limits.parallel_requests:
             raise LimitExceeded("parallel", limits, 1, headers)
         if limits.requests_per_minute is not None and len(state.requests) >= limits.requests_per_minute:
-            raise LimitExceeded("requests", limits, request_reset, rate_headers(limits, len(state.requests), tokens_used, request_reset, token_reset))
-        if limits.tokens_per_minute is not None and tokens_used >= limits.tokens_per_minute:
-            raise LimitExceeded("tokens", limits, token_reset, headers)
-        state.requests.append(now)
-        state.parallel += 1
-        return Lease(limits, headers=headers)
+            request_reset = state.requests[0] + WINDOW - now
+            raise LimitExceeded("requests", limits, request_reset, {**headers, **self._headers(limits, state, now, 0)})
+        if limits.tokens_per_minute is not None and sum(state.token_buckets.values()) >= limits.tokens_per_minute:
+            raise LimitExceeded("tokens", limits, min(state.token_buckets) + WINDOW - now, headers)
 
-    async def release(self, lease: Lease, tokens: int) -> None:
+    async def release(self, lease: Lease, tokens: int, nanos: int = 0) -> None:
         if lease.released:
             return
         lease.released = True
-        state = self.states.setdefault(lease.limits.key_id, KeyState())
-        state.parallel = max(0, state.parallel - 1)
-        if tokens:
-            second = int(self.clock())
-            state.token_buckets[second] = state.token_buckets.get(second, 0) + tokens
-            if state.budget_used is not None:
-                state.budget_used += tokens
+        second = int(self.clock())
+        for level in lease.limits.levels:
+            state = self.states.setdefault(level_key(level), KeyState())
+            state.parallel = max(0, state.parallel - 1)
+            state.reserved.pop(lease.id, None)
+            if tokens:
+                state.token_buckets[second] = state.token_buckets.get(second, 0) + tokens
+                if state.budget_used is not None:
+                    state.budget_used += tokens
+            if nanos and state.budget_used is not None:
+                state.nanos_used += nanos
 
-    def release_soon(self, lease: Lease, tokens: int) -> None:
+    def release_soon(self, lease: Lease, tokens: int, nanos: int = 0) -> None:
         """Release from synchronous code (a request's finish hooks): here it is immediate."""
-        _run_now(self.release(lease, tokens))
+        _run_now(self.release(lease, tokens, nanos))
 
     def _prune(self, state: KeyState, now: float) -> None:
         while state.requests and state.requests[0] <= now - WINDOW:
@@ -181,85 +291,150 @@ class MemoryLimitStore:
     async def _ensure_budget(self, state: KeyState, limits: Limits) -> None:
         period = budget_period_name(limits.budget_period)
         if state.budget_period != period or state.budget_used is None:
-            used = await load_budget(self._load_budget_used, limits)
+            spent = await load_budget(self._load_budget_used, limits)
             if state.budget_period != period or state.budget_used is None:
-                state.budget_period, state.budget_used = period, used
+                state.budget_period, state.budget_used, state.nanos_used = period, spent.tokens, spent.nanos
 
-    async def parallel_in_use(self, key_id: int) -> int:
+    async def parallel_in_use(self, key_id: int, scope: str = "key") -> int:
         """Parallel slots held now (releases are immediate in memory)."""
-        return self.states.get(key_id, KeyState()).parallel
+        return self.states.get((scope, key_id), KeyState()).parallel
 
 
-async def load_budget(loader, limits: Limits) -> int:
-    """The tokens a key used in its budget's period so far; LimitsUnavailable if the database
-    cannot tell."""
+async def load_budget(loader, limits: Limits) -> Spent:
+    """What a level spent in its budget's period so far; LimitsUnavailable if the database
+    cannot tell. A loader may answer a token count alone."""
     try:
-        return await loader(limits)
+        spent = await loader(limits)
     except DatabaseError as exc:
         raise LimitsUnavailable(f"the budget's usage could not be read ({type(exc).__name__})") from None
+    return Spent(tokens=spent) if isinstance(spent, int) else spent
 
 
-async def default_budget_loader(limits: Limits) -> int:
-    from keys.usage import tokens_used_since
+async def default_budget_loader(limits: Limits) -> Spent:
+    from keys.usage_totals import spent_since
 
     since = budget_period_start(limits.budget_period)
-    return await sync_to_async(tokens_used_since, thread_sensitive=True)(limits.key_id, since)
+    return await sync_to_async(spent_since, thread_sensitive=True)(limits, since)
 
 
-# Redis: one script admits (checks every limit, then counts the request), one releases.
-# Keys: 1 requests zset (member: lease id, score: ms), 2 token hash (second -> tokens),
-# 3 parallel zset (member: lease id, score: ms), 4 budget counter.
+# Redis: one script admits (checks every limit of every level, then counts the request at each),
+# one settles. Per level, 7 keys: 1 requests zset (member: lease id, score: ms), 2 token hash
+# (second -> tokens), 3 parallel zset (member: lease id, score: ms), 4 tokens spent in the budget
+# period, 5 billionths spent in the period, 6 reservations hash ("tokens", "nanos": totals;
+# "l:<lease>": "<tokens> <nanos>"), 7 reservation times zset (lease -> ms, for leaked ones).
+# Per level, 7 arguments: rpm, tpm, parallel, token budget, money budget (billionths), worst
+# tokens, worst billionths (-1: none; a money budget refuses an unpriced request, "unpriced").
 ACQUIRE_SCRIPT = """
-local now = tonumber(ARGV[1])
-local rpm, tpm, par, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local lease, window, slot_ttl = ARGV[6], 60000, tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local requests = redis.call('ZCARD', KEYS[1])
-local request_reset = 0
-if requests > 0 then
-  request_reset = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now
+local now, lease, slot_ttl, levels = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local window = 60000
+local verdict, refusing, out = 'ok', 0, {}
+local function over(spent, reserved, worst, budget)
+  return spent + reserved >= budget or spent + reserved + worst > budget
 end
-local tokens, oldest = 0, nil
-local buckets = redis.call('HGETALL', KEYS[2])
-for i = 1, #buckets, 2 do
-  local second = tonumber(buckets[i])
-  if second * 1000 <= now - window then
-    redis.call('HDEL', KEYS[2], buckets[i])
-  else
-    tokens = tokens + tonumber(buckets[i + 1])
-    if oldest == nil or second < oldest then oldest = second end
+for level = 1, levels do
+  local k, a = (level - 1) * 7, 4 + (level - 1) * 7
+  local rpm, tpm, par = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tbudget, mbudget = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local wtokens, wnanos = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', now - window)
+  local requests = redis.call('ZCARD', KEYS[k + 1])
+  local request_reset = 0
+  if requests > 0 then
+    request_reset = tonumber(redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')[2]) + window - now
   end
-end
-local token_reset = 0
-if oldest ~= nil then token_reset = oldest * 1000 + window - now end
-local verdict = 'ok'
-if budget >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= budget then
-  verdict = 'budget'
-elseif par >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - slot_ttl * 1000)
-  if redis.call('ZCARD', KEYS[3]) >= par then verdict = 'parallel' end
-end
-if verdict == 'ok' and rpm >= 0 and requests >= rpm then verdict = 'requests' end
-if verdict == 'ok' and tpm >= 0 and tokens >= tpm then verdict = 'tokens' end
-if verdict == 'ok' then
-  redis.call('ZADD', KEYS[1], now, lease)
-  redis.call('PEXPIRE', KEYS[1], window)
-  requests = requests + 1
-  if par >= 0 then
-    redis.call('ZADD', KEYS[3], now, lease)
-    redis.call('EXPIRE', KEYS[3], slot_ttl)
+  local tokens, oldest = 0, nil
+  local buckets = redis.call('HGETALL', KEYS[k + 2])
+  for i = 1, #buckets, 2 do
+    local second = tonumber(buckets[i])
+    if second * 1000 <= now - window then
+      redis.call('HDEL', KEYS[k + 2], buckets[i])
+    else
+      tokens = tokens + tonumber(buckets[i + 1])
+      if oldest == nil or second < oldest then oldest = second end
+    end
   end
+  local token_reset = 0
+  if oldest ~= nil then token_reset = oldest * 1000 + window - now end
+  if tbudget >= 0 or mbudget >= 0 then
+    -- reservations of requests whose process died are given back after the slot TTL
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[k + 7], '-inf', now - slot_ttl * 1000)) do
+      local held = redis.call('HGET', KEYS[k + 6], 'l:' .. id)
+      if held then
+        local t, n = string.match(held, '(%d+) (%d+)')
+        redis.call('HINCRBY', KEYS[k + 6], 'tokens', 0 - tonumber(t))
+        redis.call('HINCRBY', KEYS[k + 6], 'nanos', 0 - tonumber(n))
+        redis.call('HDEL', KEYS[k + 6], 'l:' .. id)
+      end
+      redis.call('ZREM', KEYS[k + 7], id)
+    end
+  end
+  local v = 'ok'
+  if tbudget >= 0 and over(tonumber(redis.call('GET', KEYS[k + 4]) or '0'),
+      tonumber(redis.call('HGET', KEYS[k + 6], 'tokens') or '0'), wtokens, tbudget) then
+    v = 'budget'
+  elseif mbudget >= 0 and wnanos < 0 then
+    v = 'unpriced'
+  elseif mbudget >= 0 and over(tonumber(redis.call('GET', KEYS[k + 5]) or '0'),
+      tonumber(redis.call('HGET', KEYS[k + 6], 'nanos') or '0'), wnanos, mbudget) then
+    v = 'money'
+  elseif par >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 3], '-inf', now - slot_ttl * 1000)
+    if redis.call('ZCARD', KEYS[k + 3]) >= par then v = 'parallel' end
+  end
+  if v == 'ok' and rpm >= 0 and requests >= rpm then v = 'requests' end
+  if v == 'ok' and tpm >= 0 and tokens >= tpm then v = 'tokens' end
+  if v ~= 'ok' and verdict == 'ok' then verdict, refusing = v, level end
+  out[level] = {requests, tokens, request_reset, token_reset}
 end
-return {verdict, requests, tokens, tostring(request_reset), tostring(token_reset)}
+local result = {verdict, refusing}
+for level = 1, levels do
+  local k, a = (level - 1) * 7, 4 + (level - 1) * 7
+  local requests = out[level][1]
+  if verdict == 'ok' then
+    redis.call('ZADD', KEYS[k + 1], now, lease)
+    redis.call('PEXPIRE', KEYS[k + 1], window)
+    requests = requests + 1
+    if tonumber(ARGV[a + 3]) >= 0 then
+      redis.call('ZADD', KEYS[k + 3], now, lease)
+      redis.call('EXPIRE', KEYS[k + 3], slot_ttl)
+    end
+    if tonumber(ARGV[a + 4]) >= 0 or tonumber(ARGV[a + 5]) >= 0 then
+      local wtokens, wnanos = tonumber(ARGV[a + 6]), math.max(0, tonumber(ARGV[a + 7]))
+      redis.call('HSET', KEYS[k + 6], 'l:' .. lease, string.format('%d %d', wtokens, wnanos))
+      redis.call('HINCRBY', KEYS[k + 6], 'tokens', wtokens)
+      redis.call('HINCRBY', KEYS[k + 6], 'nanos', wnanos)
+      redis.call('ZADD', KEYS[k + 7], now, lease)
+    end
+  end
+  table.insert(result, requests)
+  table.insert(result, out[level][2])
+  table.insert(result, tostring(out[level][3]))
+  table.insert(result, tostring(out[level][4]))
+end
+return result
 """
 
+# Settles a lease at every level: frees its slot, counts what it used, gives back its reservation.
+# ARGV: lease, second, tokens, billionths, levels.
 RELEASE_SCRIPT = """
-redis.call('ZREM', KEYS[3], ARGV[1])
-local tokens = tonumber(ARGV[2])
-if tokens > 0 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], tokens)
-  redis.call('EXPIRE', KEYS[2], 120)
-  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('INCRBY', KEYS[4], tokens) end
+local lease, second, tokens, nanos = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+for level = 1, tonumber(ARGV[5]) do
+  local k = (level - 1) * 7
+  redis.call('ZREM', KEYS[k + 3], lease)
+  if tokens > 0 then
+    redis.call('HINCRBY', KEYS[k + 2], second, tokens)
+    redis.call('EXPIRE', KEYS[k + 2], 120)
+    if redis.call('EXISTS', KEYS[k + 4]) == 1 then redis.call('INCRBY', KEYS[k + 4], tokens) end
+  end
+  if nanos > 0 and redis.call('EXISTS', KEYS[k + 5]) == 1 then redis.call('INCRBY', KEYS[k + 5], nanos) end
+  local held = redis.call('HGET', KEYS[k + 6], 'l:' .. lease)
+  if held then
+    local t, n = string.match(held, '(%d+) (%d+)')
+    redis.call('HINCRBY', KEYS[k + 6], 'tokens', 0 - tonumber(t))
+    redis.call('HINCRBY', KEYS[k + 6], 'nanos', 0 - tonumber(n))
+    redis.call('HDEL', KEYS[k + 6], 'l:' .. lease)
+    redis.call('ZREM', KEYS[k + 7], lease)
+  end
 end
 return 1
 """
@@ -310,10 +485,22 @@ class RedisLimitStore:
             client._release = client.register_script(RELEASE_SCRIPT)
         return client
 
+    def level_base(self, limits: Limits) -> str:
+        # One hash slot per team (Redis Cluster): a key of a team keeps its counters in its team's slot.
+        if limits.scope == "team":
+            return f"{self.prefix}:{{t{limits.key_id}}}"
+        if limits.team_id is not None:
+            return f"{self.prefix}:{{t{limits.team_id}}}:k{limits.key_id}"
+        return f"{self.prefix}:{{{limits.key_id}}}"
+
     def keys(self, limits: Limits) -> list[str]:
-        base = f"{self.prefix}:{{{limits.key_id}}}"  # one hash slot per key (Redis Cluster)
-        period = budget_period_name(limits.budget_period)
-        return [f"{base}:requests", f"{base}:tokens", f"{base}:parallel", f"{base}:budget:{period}"]
+        """The Redis keys of every level of `limits`, 7 per level (see ACQUIRE_SCRIPT)."""
+        keys = []
+        for level in limits.levels:
+            base, period = self.level_base(level), budget_period_name(level.budget_period)
+            keys += [f"{base}:requests", f"{base}:tokens", f"{base}:parallel", f"{base}:budget:{period}",
+                     f"{base}:money:{period}", f"{base}:reserved", f"{base}:reserved_at"]
+        return keys
 
     @property
     def available(self) -> bool:
@@ -326,40 +513,50 @@ class RedisLimitStore:
         self._down_until = self.monotonic() + OUTAGE_BACKOFF
         return LimitsUnavailable(f"the limit store did not answer ({type(exc).__name__})", OUTAGE_BACKOFF)
 
-    async def acquire(self, limits: Limits) -> Lease:
+    async def acquire(self, limits: Limits, worst: Worst = NOTHING) -> Lease:
         if not self.available:
             raise LimitsUnavailable("the limit store did not answer", self._down_until - self.monotonic())
         try:
-            return await self._acquire(limits)
+            return await self._acquire(limits, worst)
         except self._failures as exc:
             raise self._failed(exc) from None
 
-    async def _acquire(self, limits: Limits) -> Lease:
-        client, keys = self.client(), self.keys(limits)
-        if limits.token_budget is not None and not await client.exists(keys[3]):
-            used = await load_budget(self._load_budget_used, limits)
-            await client.set(keys[3], used, nx=True, ex=40 * 86400)
-        lease = Lease(limits)
-        verdict, requests, tokens, request_reset, token_reset = await client._acquire(keys=keys, args=[
-            int(self.clock() * 1000),
-            *(-1 if v is None else v for v in (limits.requests_per_minute, limits.tokens_per_minute,
-                                                limits.parallel_requests, limits.token_budget)),
-            lease.id, SLOT_TTL,
-        ])
-        request_reset, token_reset = float(request_reset) / 1000, float(token_reset) / 1000
-        lease.headers = rate_headers(limits, int(requests), int(tokens), request_reset, token_reset)
+    async def _acquire(self, limits: Limits, worst: Worst) -> Lease:
+        client, keys, levels = self.client(), self.keys(limits), limits.levels
+        for index, level in enumerate(levels):
+            spent_keys = keys[index * 7 + 3 : index * 7 + 5]
+            if level.has_budget and await client.exists(*spent_keys) < 2:
+                spent = await load_budget(self._load_budget_used, level)
+                await client.set(spent_keys[0], spent.tokens, nx=True, ex=40 * 86400)
+                await client.set(spent_keys[1], spent.nanos, nx=True, ex=40 * 86400)
+        lease = Lease(limits, worst=worst)
+        args: list = [int(self.clock() * 1000), lease.id, SLOT_TTL, len(levels)]
+        for level in levels:
+            args += [-1 if v is None else v for v in (level.requests_per_minute, level.tokens_per_minute,
+                                                      level.parallel_requests, level.token_budget,
+                                                      level.money_budget_nanos)]
+            priced = worst.nanos is not None and worst.currency == level.currency
+            args += [worst.tokens, worst.nanos if priced else -1]
+        verdict, refusing, *counts = await client._acquire(keys=keys, args=args)
+        for index in reversed(range(len(levels))):  # the key's headers over its team's
+            requests, tokens, request_reset, token_reset = counts[index * 4 : index * 4 + 4]
+            lease.headers.update(rate_headers(levels[index], int(requests), int(tokens),
+                                              float(request_reset) / 1000, float(token_reset) / 1000))
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict != "ok":
+            index = int(refusing) - 1
+            request_reset, token_reset = (float(v) / 1000 for v in counts[index * 4 + 2 : index * 4 + 4])
             retry_after = {"requests": request_reset, "tokens": token_reset, "parallel": 1}.get(verdict, 0)
-            raise LimitExceeded(verdict, limits, retry_after, lease.headers)
+            raise LimitExceeded(verdict, levels[index], retry_after, lease.headers)
         return lease
 
-    async def release(self, lease: Lease, tokens: int) -> None:
+    async def release(self, lease: Lease, tokens: int, nanos: int = 0) -> None:
         """Give the lease back; if Redis cannot take it now, queue it for the retrier."""
         if lease.released:
             return
         lease.released = True
-        release = (self.keys(lease.limits), [lease.id, int(tokens), int(self.clock())])
+        release = (self.keys(lease.limits),
+                   [lease.id, int(self.clock()), int(tokens), int(nanos), len(lease.limits.levels)])
         if self.available and not self._queued:
             try:
                 await self._send_release(release)
@@ -399,17 +596,18 @@ class RedisLimitStore:
     def queued_releases(self) -> int:
         return len(self._queued)
 
-    def release_soon(self, lease: Lease, tokens: int) -> None:
+    def release_soon(self, lease: Lease, tokens: int, nanos: int = 0) -> None:
         """Release from synchronous code: a task of its own, so a cancelled request still releases."""
-        task = asyncio.get_running_loop().create_task(self.release(lease, tokens))
+        task = asyncio.get_running_loop().create_task(self.release(lease, tokens, nanos))
         _pending_releases.add(task)
         task.add_done_callback(_pending_releases.discard)
 
-    async def parallel_in_use(self, key_id: int) -> int:
+    async def parallel_in_use(self, key_id: int, scope: str = "key", team_id: int | None = None) -> int:
         """Parallel slots held now, after the releases already under way have landed."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(t for t in _pending_releases if t.get_loop() is loop), return_exceptions=True)
-        return await self.client().zcard(f"{self.prefix}:{{{key_id}}}:parallel")
+        base = self.level_base(Limits(key_id, scope=scope, team_id=team_id))
+        return await self.client().zcard(f"{base}:parallel")
 
 
 _pending_releases: set[asyncio.Task] = set()

@@ -27,6 +27,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, close_old_connections, connection, transaction
@@ -34,7 +35,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from keys import usage_metrics as metrics
-from keys.models import APIKey, UsageDaily, UsageRecord
+from keys.models import COST_FIELD, APIKey, UsageDaily, UsageRecord
+from keys.pricing import get_price_book
 from keys.usage_event import UsageEvent
 from keys.usage_totals import tokens_used_since  # the budgets' loader (keys/limits.py) imports it from here
 
@@ -54,13 +56,16 @@ SET_ASIDE_LOG_BURST = 20  # rows set aside logged one by one per WARNING_INTERVA
 
 
 RECORD_COLUMNS = ("key_id", "model", "endpoint", "request_id", "status", "error_code", "prompt_tokens",
-                  "completion_tokens", "latency_ms", "ttft_ms", "streamed", "created_at")
+                  "completion_tokens", "latency_ms", "ttft_ms", "streamed", "created_at", "upstream", "route",
+                  "cost", "currency")
 
 
 ROWS_PER_INSERT = 500
+COST_DIGITS = (COST_FIELD["max_digits"], COST_FIELD["decimal_places"])
+COST_QUANTUM = Decimal(1).scaleb(-COST_FIELD["decimal_places"])
 
 
-def insert_records(events: list[UsageEvent]) -> None:
+def insert_records(events: list[UsageEvent], costs: list[tuple[Decimal | None, str]]) -> None:
     """Multi-row INSERTs of up to ROWS_PER_INSERT rows. bulk_create would build a model instance
     per row, which made this thread (which shares the GIL with the event loop) cost 15% of the
     CPU under load; one statement per row (executemany) cost PostgreSQL 0.1 ms per request."""
@@ -68,10 +73,12 @@ def insert_records(events: list[UsageEvent]) -> None:
     columns = ", ".join(connection.ops.quote_name(column) for column in RECORD_COLUMNS)
     row_placeholders = "(" + ", ".join(["%s"] * len(RECORD_COLUMNS)) + ")"
     adapt_datetime = connection.ops.adapt_datetimefield_value
+    adapt_decimal = connection.ops.adapt_decimalfield_value
     rows = [
         (e.key_id, e.model, e.endpoint, e.request_id, e.status, e.error_code, e.prompt_tokens,
-         e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at))
-        for e in events
+         e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at), e.upstream,
+         e.route, None if cost is None else adapt_decimal(cost, *COST_DIGITS), currency)
+        for e, (cost, currency) in zip(events, costs, strict=True)
     ]
     per_insert = ROWS_PER_INSERT
     if connection.features.max_query_params:  # SQLite's bound on parameters per statement
@@ -83,12 +90,24 @@ def insert_records(events: list[UsageEvent]) -> None:
             cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values}", [v for row in chunk for v in row])
 
 
+def costs_of(events: list[UsageEvent]) -> list[tuple[Decimal | None, str]]:
+    """Each event's cost and currency at the price in force at its time; (None, "") unpriced."""
+    book = get_price_book().fresh()
+    costs = []
+    for event in events:
+        price = book.price(event.model, event.upstream, event.created_at)
+        costs.append((None, "") if price is None else
+                     (price.cost(event.prompt_tokens, event.completion_tokens).quantize(COST_QUANTUM), price.currency))
+    return costs
+
+
 def write_batch(events: list[UsageEvent]) -> None:
-    """Store events, their daily roll-ups and the keys' last-used times, atomically."""
+    """Store events (priced), their daily roll-ups and the keys' last-used times, atomically."""
+    costs = costs_of(events)
     with transaction.atomic():
-        insert_records(events)
-        for (key_id, model, day), totals in rollup(events).items():
-            add_to_rollup(key_id, model, day, totals)
+        insert_records(events, costs)
+        for group, totals in rollup(events, costs).items():
+            add_to_rollup(group, totals)
         last_used: dict[int, datetime] = {}
         for event in events:
             last_used[event.key_id] = max(last_used.get(event.key_id, event.created_at), event.created_at)
@@ -96,26 +115,39 @@ def write_batch(events: list[UsageEvent]) -> None:
             APIKey.objects.filter(pk=key_id).update(last_used_at=when)
 
 
-def rollup(events: Iterable[UsageEvent]) -> dict[tuple[int, str, date], Counter]:
-    groups: dict[tuple[int, str, date], Counter] = defaultdict(Counter)
-    for event in events:
-        totals = groups[(event.key_id, event.model, event.created_at.date())]
+# A roll-up's group: key id, model, upstream, route, currency ("" unpriced), day.
+Group = tuple[int, str, str, str, str, date]
+ROLLUP_FIELDS = ("key_id", "model", "upstream", "route", "currency", "day")
+
+
+def rollup(events: Iterable[UsageEvent], costs: Iterable[tuple[Decimal | None, str]]) -> dict[Group, Counter]:
+    groups: dict[Group, Counter] = defaultdict(Counter)
+    for event, (cost, currency) in zip(events, costs, strict=True):
+        totals = groups[(event.key_id, event.model, event.upstream, event.route, currency, event.created_at.date())]
         totals["requests"] += 1
         totals["errors"] += event.is_error
         totals["prompt_tokens"] += event.prompt_tokens
         totals["completion_tokens"] += event.completion_tokens
+        if cost is not None:
+            totals["cost"] += cost
     return groups
 
 
-def add_to_rollup(key_id: int, model: str, day: date, totals: Counter) -> None:
-    increments = {name: F(name) + totals[name] for name in ("requests", "errors", "prompt_tokens", "completion_tokens")}
-    if UsageDaily.objects.filter(key_id=key_id, model=model, day=day).update(**increments):
+def add_to_rollup(group: Group, totals: Counter) -> None:
+    where = dict(zip(ROLLUP_FIELDS, group, strict=True))
+    names = ("requests", "errors", "prompt_tokens", "completion_tokens")
+    increments = {name: F(name) + totals[name] for name in names}
+    priced = bool(where["currency"])
+    if priced:  # the unpriced roll-ups (currency "") keep a NULL cost: never 0
+        increments["cost"] = F("cost") + totals["cost"]
+    if UsageDaily.objects.filter(**where).update(**increments):
         return
     try:
         with transaction.atomic():
-            UsageDaily.objects.create(key_id=key_id, model=model, day=day, **{k: totals[k] for k in increments})
+            UsageDaily.objects.create(**where, **{k: totals[k] for k in names},
+                                      cost=totals["cost"] if priced else None)
     except IntegrityError:  # another process created it first
-        UsageDaily.objects.filter(key_id=key_id, model=model, day=day).update(**increments)
+        UsageDaily.objects.filter(**where).update(**increments)
 
 
 class UsageWriter:

@@ -36,7 +36,7 @@ def integer_range(name: str) -> tuple[int, int]:
     return BaseDatabaseOperations.integer_field_ranges[internal_type]
 
 
-TEXT_FIELDS = {name: text_length(name) for name in ("model", "endpoint", "request_id", "error_code")}
+TEXT_FIELDS = {name: text_length(name) for name in ("model", "endpoint", "request_id", "error_code", "upstream", "route")}
 INTEGER_FIELDS = {name: integer_range(name)
                   for name in ("status", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")}
 # The four counts share one column type; the event relies on it.
@@ -80,6 +80,8 @@ class UsageEvent:
     ttft_ms: int | None = None
     streamed: bool = False
     created_at: datetime = field(default_factory=timezone.now)
+    upstream: str = ""  # the upstream and route that served it (the router's report), if any
+    route: str = ""
 
     def __post_init__(self) -> None:
         # Spelled out field by field, and a field set only if cleaning changed it: this runs

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, datetime
+from decimal import Decimal
 
-from django.db.models import OuterRef, QuerySet, Subquery, Sum
+from django.db.models import OuterRef, Q, QuerySet, Subquery, Sum
 
 from keys.models import UsageDaily
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+UNPRICED = Q(currency="")
 # Aliases differ from the field names: Django refuses an annotation named like a field.
-SUMS = {f"{name}_sum": Sum(name) for name in COUNTERS}
+SUMS = {
+    **{f"{name}_sum": Sum(name) for name in COUNTERS},
+    "cost_sum": Sum("cost"),  # NULL (None) when no row of the group is priced: never 0
+    "unpriced_requests_sum": Sum("requests", filter=UNPRICED),
+    "unpriced_tokens_sum": Sum("prompt_tokens", filter=UNPRICED) + Sum("completion_tokens", filter=UNPRICED),
+}
 TOKENS = Sum("prompt_tokens") + Sum("completion_tokens")
 
 
@@ -37,8 +44,9 @@ def rollups(since: date | None = None, until: date | None = None,
 def summed(rows: QuerySet[UsageDaily], *group_by: str, order_by: str | None = None,
            limit: int | None = None) -> list[dict]:
     """The sums of `rows` per group of `group_by` fields (none: one dict of grand totals). Each
-    dict holds the group's fields, `requests`, `errors`, `prompt_tokens`, `completion_tokens`
-    and `total_tokens`. `order_by` ("requests" or "tokens") puts the biggest groups first (ties
+    dict holds the group's fields, `requests`, `errors`, `prompt_tokens`, `completion_tokens`,
+    `total_tokens`, `cost` (None if nothing in the group was priced; group by "currency" when
+    prices of several currencies exist), `unpriced_requests` and `unpriced_tokens`. `order_by` ("requests" or "tokens") puts the biggest groups first (ties
     by the group fields) and `limit` keeps that many."""
     if not group_by:
         return [counts(rows.aggregate(**SUMS))]
@@ -50,14 +58,29 @@ def summed(rows: QuerySet[UsageDaily], *group_by: str, order_by: str | None = No
     return [{**{name: row[name] for name in group_by}, **counts(row)} for row in grouped]
 
 
-def counts(row: dict) -> dict[str, int]:
+def counts(row: dict) -> dict:
     totals = {name: row[f"{name}_sum"] or 0 for name in COUNTERS}
-    return {**totals, "total_tokens": totals["prompt_tokens"] + totals["completion_tokens"]}
+    return {**totals, "total_tokens": totals["prompt_tokens"] + totals["completion_tokens"],
+            "cost": row["cost_sum"], "unpriced_requests": row["unpriced_requests_sum"] or 0,
+            "unpriced_tokens": row["unpriced_tokens_sum"] or 0}
 
 
 def tokens_used_since(key_id: int, since: datetime) -> int:
     """Tokens a key used from the day of `since` on (budget periods start at midnight)."""
     return summed(rollups(since=since.date(), keys=[key_id]))[0]["total_tokens"]
+
+
+def spent_since(limits, since: datetime):
+    """What a level (a key, or every key of a team) spent from the day of `since` on: tokens, and
+    money in its budget's currency in billionths (rounded up), for the limit stores."""
+    from keys.limits import Spent
+    from keys.pricing import to_nanos
+
+    rows = rollups(since=since.date())
+    rows = rows.filter(key__team_id=limits.key_id) if limits.scope == "team" else rows.filter(key_id=limits.key_id)
+    totals = summed(rows)[0]
+    cost = rows.filter(currency=limits.currency).aggregate(cost=Sum("cost"))["cost"] or Decimal(0)
+    return Spent(tokens=totals["total_tokens"], nanos=to_nanos(cost))
 
 
 def per_key(counter: str, since: date) -> Subquery:

@@ -22,11 +22,12 @@ from django.db import close_old_connections
 from django.http import HttpRequest
 from django.utils import timezone
 
+from gateway_project.single_flight import SingleFlight
 from keys.hashing import hash_key
 from keys.limits import Limits
 from keys.models import APIKey
+from keys.teams import key_limits, team_models
 from openai_api.errors import AuthenticationError, KeyLookupUnavailableError, PermissionDeniedError
-from gateway_project.single_flight import SingleFlight
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class KeyInfo:
     parallel_requests: int | None
     token_budget: int | None
     budget_period: str
+    limits: Limits  # the key's, with its team's (keys/teams.py)
+    team_models: tuple[str, ...] = ()  # the team's allow-list (empty: every model)
 
     @classmethod
     def from_model(cls, key: APIKey) -> KeyInfo:
@@ -66,21 +69,17 @@ class KeyInfo:
             expires_at=key.expires_at, revoked=key.is_revoked,
             requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute,
             parallel_requests=key.parallel_requests, token_budget=key.token_budget,
-            budget_period=key.budget_period,
+            budget_period=key.budget_period, limits=key_limits(key), team_models=team_models(key),
         )
 
     def allows_model(self, model: str) -> bool:
-        return not self.allowed_models or model in self.allowed_models
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.id, self.requests_per_minute, self.tokens_per_minute, self.parallel_requests,
-                      self.token_budget, self.budget_period)
+        return (not self.allowed_models or model in self.allowed_models) and (
+            not self.team_models or model in self.team_models)
 
 
 def load_key(digest: str) -> KeyInfo | None:
     close_old_connections()  # this thread has no request cycle to recycle broken connections
-    key = APIKey.objects.filter(hashed_key=digest).first()
+    key = APIKey.objects.select_related("team").filter(hashed_key=digest).first()
     return KeyInfo.from_model(key) if key else None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse
 
 from openai_api import protocol
-from openai_api.accounting import admit
+from openai_api.accounting import admit, demand_of
 from openai_api.auth import require_model_access
 from openai_api.endpoint import api_endpoint, json_response, read_json
 from openai_api.errors import ModelNotFoundError, NotFoundError, OpenAIError, error_body
@@ -33,7 +33,7 @@ async def admit_model(request: HttpRequest, router: Router, call: Any) -> None:
             f"Only {'&&'.join(visible)} allowed now, your model {model}", param="model",
         )
     await router.check(call)
-    await admit(request.ctx)
+    await admit(request.ctx, demand_of(call, len(request.body)))
 
 
 async def respond(request: HttpRequest, result: Any) -> HttpResponse:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 from django.db import OperationalError
@@ -11,7 +13,7 @@ from django.test import SimpleTestCase, override_settings
 from keys.exceptions import LimitExceeded
 from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store, reset_limit_store
 from keys.models import APIKey
-from openai_api.accounting import limit_error
+from openai_api.accounting import demand_of, limit_error
 from openai_api.auth import key_cache
 from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
@@ -40,12 +42,21 @@ class ApiLimitTests(GatewayTestCase):
         self.assertIn("x-ratelimit-reset-requests", refused)
 
     async def test_an_exhausted_budget_is_insufficient_quota(self):
-        await self.limit(token_budget=5, budget_period="day")
-        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)  # uses more than 5 tokens
+        # Exactly one request's worst case (docs/decisions.md#limits): the first is admitted, and
+        # once it spent anything the second's worst case no longer fits.
+        worst = demand_of(SimpleNamespace(sampling=SimpleNamespace(max_tokens=4, n=1)), len(json.dumps(BODY)))
+        await self.limit(token_budget=worst.prompt_tokens + worst.completion_tokens, budget_period="day")
+        self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
         refused = await self.post(CHAT, BODY)
         body = self.assertError(refused, 429, code="insufficient_quota")
         self.assertEqual(body["error"]["type"], "insufficient_quota")
+        self.assertIn("Key budget", body["error"]["message"])
         self.assertEqual(refused["x-should-retry"], "false")
+
+    async def test_a_request_whose_worst_case_exceeds_the_budget_is_refused_at_once(self):
+        await self.limit(token_budget=5, budget_period="day")
+        body = self.assertError(await self.post(CHAT, BODY), 429, code="insufficient_quota")
+        self.assertIn("Key budget exhausted", body["error"]["message"])
 
     async def test_tokens_per_minute_count_what_requests_used(self):
         await self.limit(tokens_per_minute=5)

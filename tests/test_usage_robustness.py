@@ -358,4 +358,5 @@ class UsageTotalsTests(GatewayTestCase):
         usage_writer.flush()
         today = timezone.now().date()
         self.assertEqual(summed(rollups(since=today, until=today, keys=[self.key.pk]))[0],
-                         {"requests": 2, "errors": 1, "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+                         {"requests": 2, "errors": 1, "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                          "cost": None, "unpriced_requests": 2, "unpriced_tokens": 7})  # no price: no cost
