@@ -130,6 +130,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Who changed what from where (keys/audit/): not on the OpenAI API path below.
+    "keys.audit.middleware.audit_scope",
 ]
 # The OpenAI API path gets only async middleware: each sync middleware costs a thread hop
 # per request (docs/decisions.md#performance). See gateway_project/asgi.py.

@@ -22,6 +22,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from keys import dashboard, permissions
+from keys.admin_audit import AuditHistoryMixin  # also registers the audit trail's admin
 from keys.models import APIKey, UsageDaily, UsageRecord
 from keys.spreadsheet import safe_row
 from keys.usage_totals import per_key
@@ -92,7 +93,7 @@ class KeyStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(admin.ModelAdmin):
+class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
     form = APIKeyForm
     list_display = ["prefix", "name", "owner", "models", "limits", "created_at", "expires_at", "revoked_at",
                     "last_used_at", "requests_30d"]

@@ -22,3 +22,6 @@ class KeysConfig(AppConfig):
         # Held by name in their modules: emptied in place, never rebuilt.
         state.provide("usage_writer", lambda: usage_writer, clear=lambda writer: writer.pending.clear())
         state.provide("presence", lambda: presence, clear=lambda watchers: watchers.__init__())
+        from keys.audit import trail
+
+        trail.connect()  # after every app's models are loaded: upstreams' are tracked too

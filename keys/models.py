@@ -11,6 +11,8 @@ from django.db import models, transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
+from keys.audit import update as audited_update
+from keys.audit.models import AuditEntry  # noqa: F401  (the audit trail's model lives in keys/audit/)
 from keys.hashing import digest_prefix, display_prefix, generate_key, hash_key
 
 
@@ -57,8 +59,8 @@ class APIKeyManager(models.Manager["APIKey"]):
         keys = [self.import_plaintext(p, name="--api-keys", source=APIKey.Source.API_KEYS_FLAG)
                 for p in dict.fromkeys(plaintexts)]
         listed = {key.pk for key, _ in keys}
-        self.filter(pk__in=listed, source=APIKey.Source.IMPORTED).update(
-            source=APIKey.Source.API_KEYS_FLAG, updated_at=timezone.now())
+        audited_update(self.filter(pk__in=listed, source=APIKey.Source.IMPORTED),
+                       source=APIKey.Source.API_KEYS_FLAG, updated_at=timezone.now())
         dropped = self.filter(source=APIKey.Source.API_KEYS_FLAG, revoked_at__isnull=True).exclude(pk__in=listed)
         revoked = sum(key.revoke() for key in dropped)
         created = sum(is_new for _, is_new in keys)
@@ -212,7 +214,8 @@ class APIKey(models.Model):
     def revoke(self) -> bool:
         """Revoke this key for good; True if this call revoked it (the first revocation time is kept)."""
         now = timezone.now()
-        revoked = APIKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now, updated_at=now)
+        revoked = audited_update(APIKey.objects.filter(pk=self.pk, revoked_at__isnull=True),
+                                 revoked_at=now, updated_at=now)
         self.refresh_from_db(fields=["revoked_at", "updated_at"])
         return bool(revoked)
 

@@ -1,12 +1,13 @@
 """python manage.py create_api_key NAME [--models a,b] [--rpm N] [--tpm N] [--expires-days N]"""
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
+from keys.audit.commands import AuditedCommand
 from keys.models import APIKey
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = "Create an API key and print its plaintext (shown only this once) on the last line."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -1,12 +1,13 @@
 """python manage.py import_api_keys k1,k2 — store FastChat --api-keys as hashed keys."""
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
+from keys.audit.commands import AuditedCommand
 from keys.models import APIKey
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = ("Import FastChat-style plaintext API keys (comma-separated, or one per line in --file). "
             "Only their digests are stored; the admin shows digest characters, never the key's.")
 

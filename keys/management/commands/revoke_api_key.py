@@ -1,8 +1,9 @@
 """python manage.py revoke_api_key ID_OR_PREFIX [...] — revoke keys; the API refuses them within a second."""
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from keys.audit.commands import AuditedCommand
 from keys.hashing import hash_key
 from keys.models import APIKey
 
@@ -25,7 +26,7 @@ def find_key(reference: str) -> APIKey:
     return matches[0]
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):
     help = "Revoke API keys by id or display prefix. The OpenAI API refuses them within GATEWAY_KEY_CACHE_SECONDS."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -69,9 +69,11 @@ class Command(BaseCommand):
     def sync_flag_keys(self, plaintexts: list[str]) -> None:
         """As in FastChat, the flag's list is the set of keys that work: its keys are imported
         (stored hashed), and keys of an earlier list missing from it are revoked."""
+        from keys import audit
         from keys.models import APIKey
 
-        result = APIKey.objects.sync_flag_keys(k for k in plaintexts if k)
+        with audit.context(origin="command", where="manage.py openai_api_server --api-keys"):
+            result = APIKey.objects.sync_flag_keys(k for k in plaintexts if k)
         self.stderr.write(f"--api-keys: {result.created} key(s) imported (stored hashed), {result.present} already "
                           f"present, {result.revoked} no longer listed and revoked.")
         if result.still_revoked:
