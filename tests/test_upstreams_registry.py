@@ -360,6 +360,6 @@ class AuditHookTests(TestCase):
             ("UpstreamModel", "m", "created", "api"), ("UpstreamModel", "m", "deleted", "api"),
             ("Upstream", "a", "deleted", "config"),
         ])
-        self.assertEqual(seen[1][3], {"weight": (1, 5), "api_key": ("…", "…b4ax")})
+        self.assertEqual(seen[1][3], {"weight": (1, 5), "api_key": ("…5b4a", "…b4ax")})
         self.assertEqual(seen[1][4], "ops")
         self.assertNotIn(SECRET, repr(seen))

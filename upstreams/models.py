@@ -202,7 +202,7 @@ class Upstream(TrackedModel):
 
     objects = UpstreamManager()
 
-    TRACKED = ("name", "kind", "base_url", "api_key_encrypted", "enabled", "priority", "weight", "connect_timeout",
+    TRACKED = ("name", "kind", "base_url", "api_key_encrypted", "api_key_last4", "enabled", "priority", "weight", "connect_timeout",
                "first_byte_timeout", "idle_timeout", "max_concurrency", "extra_headers", "discover_models")
 
     class Meta:
@@ -246,11 +246,13 @@ class Upstream(TrackedModel):
 
     def described_changes(self) -> dict[str, tuple[Any, Any]]:
         changes = self.changes()
+        changes.pop("api_key_last4", None)
         if "api_key_encrypted" in changes:
-            old = (getattr(self, "_loaded", None) or {}).get("api_key_encrypted")
+            loaded = getattr(self, "_loaded", None) or {}
+            old = loaded.get("api_key_encrypted")
             del changes["api_key_encrypted"]
             if not (self.api_key_encrypted and old and self._same_secret(old)):
-                changes["api_key"] = ("…" if old else "", self.api_key_hint)
+                changes["api_key"] = (f"…{loaded.get('api_key_last4', '')}" if old else "", self.api_key_hint)
         return changes
 
     def _same_secret(self, old_token: str) -> bool:

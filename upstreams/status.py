@@ -31,7 +31,7 @@ class Status:
 
 
 @dataclass(frozen=True)
-class TestResult:
+class ProbeResult:
     ok: bool
     latency_ms: float | None
     failure: str | None
@@ -79,7 +79,7 @@ def status_of(name: str, *, enabled: bool = True, api_key: str | None = None) ->
     )
 
 
-def test_now(upstream) -> TestResult:
+def test_now(upstream) -> ProbeResult:
     """Probe `upstream` (an Upstream row) now: through the health module when it has it (so the
     result updates its state), else with the adapter's probe."""
     try:
@@ -100,6 +100,6 @@ def test_now(upstream) -> TestResult:
 
         probe = _resolve(adapter_for(spec_of(upstream, api_key)).probe())
     ok = probe.ok if hasattr(probe, "ok") else getattr(probe, "state", None) == "healthy"
-    return TestResult(ok=bool(ok), latency_ms=getattr(probe, "latency_ms", None),
+    return ProbeResult(ok=bool(ok), latency_ms=getattr(probe, "latency_ms", None),
                       failure=None if ok else (getattr(probe, "failure", None) or getattr(probe, "state", None)),
                       message=redact(getattr(probe, "message", "") or getattr(probe, "last_error", ""), api_key))
