@@ -21,7 +21,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('name', models.SlugField(help_text='Letters, digits, - and _; shown in usage, metrics and logs.', max_length=64, unique=True)),
                 ('kind', models.CharField(choices=[('fastchat', 'FastChat controller'), ('openai', 'OpenAI-compatible server')], default='openai', max_length=16)),
-                ('base_url', models.CharField(help_text='FastChat: the controller address. OpenAI-compatible: the URL before /chat/completions, e.g. http://host:8000/v1.', max_length=500, validators=[django.core.validators.URLValidator(message='Enter an http:// or https:// URL.', schemes=['http', 'https'])], verbose_name='base URL')),
+                ('base_url', models.CharField(help_text='FastChat: the controller address. OpenAI-compatible: the URL before /chat/completions, e.g. http://host:8000/v1.', max_length=500, validators=[upstreams.models.validate_base_url], verbose_name='base URL')),
                 ('api_key_encrypted', models.TextField(blank=True, default='', editable=False)),
                 ('api_key_last4', models.CharField(blank=True, default='', editable=False, max_length=4)),
                 ('enabled', models.BooleanField(default=True)),
