@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test system-deps lint
+.PHONY: demo test install install-test install-llama system-deps lint
 
 # Services the tests use: Redis, nginx, wrk, Chromium and PostgreSQL 15 (Debian packages, installed
 # when missing; needs root, as on CI).
@@ -26,8 +26,25 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-install-test: install system-deps
+install-test: install system-deps install-llama
 	$(BIN)/pip install --quiet -r requirements-realworker.txt
+
+# llama.cpp's OpenAI-compatible server (llama-cpp-python) for tests/test_llama_cpp.py. PyPI has only
+# its source, which compiles in about 5 minutes on 2 cores: the wheel built once is kept in
+# LLAMA_WHEELS (outside the work tree, so fresh clones on the same machine reuse it) and later runs
+# install it in seconds. The source package is kept beside it: tests/gguf_model.py takes llama.cpp's
+# convert_hf_to_gguf.py from it.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/gateway-wheels
+install-llama: install
+	@mkdir -p $(LLAMA_WHEELS)
+	@test -f $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || \
+	  $(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) (about 5 minutes, once)"; \
+	  CMAKE_ARGS=-DGGML_NATIVE=OFF $(BIN)/pip wheel --quiet --no-deps -w $(LLAMA_WHEELS) \
+	    $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz; }
+	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -r requirements-llama.txt
 
 demo: install
 	$(BIN)/python manage.py demo
