@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from upstreams import config, crypto, discovery
 from upstreams.models import Upstream
+from upstreams.registry import readable_key
 from upstreams.status import status_of, test_now
 
 
@@ -55,7 +56,7 @@ class Command(BaseCommand):
         self.stdout.write(f"{'name':20} {'kind':8} {'on':3} {'prio':>4} {'weight':>6} {'key':6} {'models':>6} "
                           f"{'state':20} {'latency':>8}  base URL / last error")
         for upstream in upstreams:
-            status = status_of(upstream.name, enabled=upstream.enabled)
+            status = status_of(upstream.name, enabled=upstream.enabled, api_key=readable_key(upstream))
             latency = f"{status.latency_ms:.0f} ms" if status.latency_ms is not None else "-"
             models = sum(1 for model in upstream.models.all() if model.enabled)
             self.stdout.write(
