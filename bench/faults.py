@@ -652,18 +652,35 @@ async def redis_down(stack: Stack, scale: Scale, keys: dict) -> Row:
                    for _ in range(8)]
         await asyncio.sleep(0.3)
         stack.stop_redis()
+        stopped = time.time()
         try:
             during = await steady_load(client, stack.url, plains, duration=scale.redis_down,
                                        concurrency=scale.concurrency, pause=0.1)
         finally:
             stack.continue_redis()
+        resumed = time.time()
         after = await steady_load(client, stack.url, plains, duration=2, concurrency=scale.concurrency)
         outcomes = list(await asyncio.gather(*holding)) + during + after
     free = [o for o in during if o.label.startswith("200")]
     row = await measure(stack, title, outcomes, ids,
                         note=f"{len(free)} answered 200 during the outage (the key without limits)")
+    if row.slots_left:
+        row.note += "; " + slot_ages(stack, ids, stopped, resumed)
     stack.reset_workers()
     return row
+
+
+def slot_ages(stack: Stack, key_ids: list[int], stopped: float, resumed: float) -> str:
+    """When the slots left were taken (their zset score is the acquiring process's clock, ms)."""
+    client = stack.redis.client()
+    try:
+        scores = [score / 1000 for key_id in key_ids
+                  for _, score in client.zrange(f"gw:{{{key_id}}}:parallel", 0, -1, withscores=True)]
+    finally:
+        client.close()
+    inside = sum(stopped <= score <= resumed for score in scores)
+    return (f"{inside} of the {len(scores)} slots left were taken while Redis was stopped "
+            f"({', '.join(f'{score - stopped:+.1f} s' for score in sorted(scores))} from the stop)")
 
 
 @fault("sigterm", "SIGTERM of one gateway process with 20 streams open")
