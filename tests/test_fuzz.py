@@ -34,10 +34,10 @@ from keys.limits import reset_limit_store
 from keys.models import APIKey, UsageRecord
 from keys.usage import usage_writer
 from openai_api.auth import key_cache
-from upstreams.adapters import reset_adapters
-from upstreams.transport import reset_http_client
 from openai_api.openapi import document
 from tests.fakes import CONTROLLER, FakeFastChat
+from upstreams.adapters import reset_adapters
+from upstreams.transport import reset_http_client
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 MODELS = ["m1", "embed"]
