@@ -25,6 +25,7 @@ from keys import dashboard, permissions
 from keys.admin_audit import AuditHistoryMixin  # also registers the audit trail's admin
 from keys.models import APIKey, UsageDaily, UsageRecord
 from keys.spreadsheet import safe_row
+from keys.team_admin import CurrencyField
 from keys.usage_totals import per_key
 
 
@@ -61,6 +62,7 @@ class APIKeyForm(forms.ModelForm):
         required=False, widget=forms.TextInput(attrs={"size": 60, "placeholder": "every model"}),
         help_text="Comma-separated model names; empty means every model.",
     )
+    budget_currency = CurrencyField()
 
     class Meta:
         model = APIKey
@@ -104,10 +106,10 @@ class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
     actions = ["revoke", "rotate"]
     change_form_template = "admin/keys/apikey/change_form.html"
     add_fieldsets = [
-        (None, {"fields": ["name", "owner", "user"]}),
+        (None, {"fields": ["name", "owner", "user", "team"]}),
         ("Access", {"fields": ["allowed_models", "expires_at"]}),
         ("Limits", {"fields": ["requests_per_minute", "tokens_per_minute", "parallel_requests",
-                               "token_budget", "budget_period"]}),
+                               "token_budget", "money_budget", "budget_currency", "budget_period"]}),
     ]
     fieldsets = [*add_fieldsets, ("State", {"fields": readonly_fields})]
 
@@ -258,8 +260,10 @@ class StatusFilter(admin.SimpleListFilter):
         return queryset
 
 
-CSV_FIELDS = ["created_at", "key_id", "key__name", "key__prefix", "model", "endpoint", "request_id", "status",
-              "error_code", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "streamed"]
+CSV_FIELDS = ["created_at", "key_id", "key__name", "key__prefix", "key__team__name", "model", "upstream", "route",
+              "endpoint", "request_id", "status", "error_code", "prompt_tokens", "completion_tokens", "cost",
+              "currency", "latency_ms", "ttft_ms", "streamed"]
+COST_COLUMN = CSV_FIELDS.index("cost")
 CSV_CHUNK_ROWS = 2000
 
 
@@ -268,6 +272,13 @@ class Echo:
 
     def write(self, value: str) -> str:
         return value
+
+
+def unpriced_shown(row: tuple) -> tuple:
+    """A row without a price says "unpriced" in its cost column: never 0, never empty."""
+    if row[COST_COLUMN] is None:
+        return (*row[:COST_COLUMN], "unpriced", *row[COST_COLUMN + 1:])
+    return row
 
 
 def csv_response(queryset, filename: str) -> StreamingHttpResponse:
@@ -290,7 +301,7 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
         rows = await sync_to_async(open_rows)()
         try:
             while chunk := await sync_to_async(next_chunk)(rows):
-                yield "".join(writer.writerow(safe_row(row)) for row in chunk)
+                yield "".join(writer.writerow(safe_row(unpriced_shown(row))) for row in chunk)
         finally:
             await sync_to_async(rows.close)()  # the database cursor, also when the client leaves
 
@@ -303,8 +314,8 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
 class UsageRecordAdmin(admin.ModelAdmin):
     """Read-only: usage rows are written by the API path only."""
 
-    list_display = ["created_at", "key", "model", "endpoint", "outcome", "tokens", "latency", "ttft", "streamed",
-                    "request_id"]
+    list_display = ["created_at", "key", "model", "upstream", "endpoint", "outcome", "tokens", "spend", "latency",
+                    "ttft", "streamed", "request_id"]
     list_filter = ["key", ModelFilter, StatusFilter, "streamed", "created_at"]
     list_select_related = ["key"]
     date_hierarchy = "created_at"
@@ -331,6 +342,10 @@ class UsageRecordAdmin(admin.ModelAdmin):
     @admin.display(description="tokens in + out", ordering="prompt_tokens")
     def tokens(self, row: UsageRecord) -> str:
         return f"{row.prompt_tokens:,} + {row.completion_tokens:,}"
+
+    @admin.display(description="cost", ordering="cost")
+    def spend(self, row: UsageRecord) -> str:
+        return f"{row.cost.normalize():f} {row.currency}" if row.cost is not None else "unpriced"
 
     @admin.display(description="latency", ordering="latency_ms")
     def latency(self, row: UsageRecord) -> str:

@@ -10,6 +10,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import date, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -27,7 +28,7 @@ from rest_framework.response import Response
 
 from keys import permissions
 from keys.api_permissions import KeyModelPermissions, check_key_change
-from keys.models import APIKey, KeyRevokedError
+from keys.models import APIKey, KeyRevokedError, Team
 from keys.usage_totals import rollups, summed
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class APIKeySerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "owner", "prefix", "status", "created_at", "updated_at", "expires_at",
             "revoked_at", "last_used_at", "allowed_models", "requests_per_minute", "tokens_per_minute",
-            "parallel_requests", "token_budget", "budget_period", "user", "team",
+            "parallel_requests", "token_budget", "money_budget", "budget_currency", "budget_period", "user", "team",
         ]
         read_only_fields = ["prefix", "created_at", "updated_at", "revoked_at", "last_used_at"]
 
@@ -64,6 +65,11 @@ class APIKeySerializer(serializers.ModelSerializer):
 
     def validate_allowed_models(self, models: list[str]) -> list[str]:
         return list(dict.fromkeys(models))  # CharField has stripped them already
+
+    def validate_budget_currency(self, currency: str) -> str:
+        if len(currency) != 3 or not currency.isalpha():
+            raise serializers.ValidationError("Three letters (ISO 4217), such as USD or EUR.")
+        return currency.upper()
 
 
 class NewAPIKeySerializer(APIKeySerializer):
@@ -92,6 +98,11 @@ class UsageCountsSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()
+    spend = serializers.DictField(
+        child=serializers.DecimalField(max_digits=30, decimal_places=12, coerce_to_string=True),
+        help_text="Cost of the priced requests per currency (empty if none was priced: never 0 for unpriced use).")
+    unpriced_requests = serializers.IntegerField(help_text="Requests of models that had no price: no cost.")
+    unpriced_tokens = serializers.IntegerField()
 
 
 class DayUsageSerializer(UsageCountsSerializer):
@@ -100,6 +111,15 @@ class DayUsageSerializer(UsageCountsSerializer):
 
 class ModelUsageSerializer(UsageCountsSerializer):
     model = serializers.CharField()
+
+
+class UpstreamUsageSerializer(UsageCountsSerializer):
+    upstream = serializers.CharField(help_text="Blank for requests no upstream served.")
+
+
+class TeamUsageSerializer(UsageCountsSerializer):
+    team = serializers.IntegerField(allow_null=True, help_text="The key's team now; null for keys without one.")
+    name = serializers.CharField()
 
 
 class KeyUsageSerializer(UsageCountsSerializer):
@@ -115,6 +135,7 @@ class UsageReportSerializer(serializers.Serializer):
     totals = UsageCountsSerializer()
     by_day = DayUsageSerializer(many=True, help_text="Every day of the window, oldest first.")
     by_model = ModelUsageSerializer(many=True)
+    by_upstream = UpstreamUsageSerializer(many=True)
 
 
 class KeyUsageReportSerializer(UsageReportSerializer):
@@ -123,6 +144,7 @@ class KeyUsageReportSerializer(UsageReportSerializer):
 
 class UsageSummarySerializer(UsageReportSerializer):
     by_key = KeyUsageSerializer(many=True, help_text="Keys with usage in the window, busiest first.")
+    by_team = TeamUsageSerializer(many=True, help_text="Teams with usage in the window, busiest first.")
 
 
 class Conflict(APIException):
@@ -139,15 +161,19 @@ class KeyPagination(PageNumberPagination):
 
 def usage_rows(since: date, today: date, keys: QuerySet | None = None) -> list[dict]:
     """Usage per (key, model, day) from `since` to today, from the daily roll-ups."""
-    return summed(rollups(since=since, until=today, keys=keys), "key_id", "model", "day")
+    return summed(rollups(since=since, until=today, keys=keys), "key_id", "model", "upstream", "currency", "day")
 
 
-def totals(rows: Iterable[dict]) -> dict[str, int]:
-    counts = Counter({name: 0 for name in COUNTERS})
+def totals(rows: Iterable[dict]) -> dict:
+    """Counts, spend per currency, and unpriced usage apart (rows grouped by currency)."""
+    counts = Counter({name: 0 for name in (*COUNTERS, "unpriced_requests", "unpriced_tokens")})
+    spend: dict[str, Decimal] = {}
     for row in rows:
-        for name in COUNTERS:
+        for name in (*COUNTERS, "unpriced_requests", "unpriced_tokens"):
             counts[name] += row[name] or 0
-    return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"]}
+        if row["cost"] is not None:
+            spend[row["currency"]] = spend.get(row["currency"], Decimal(0)) + row["cost"]
+    return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"], "spend": spend}
 
 
 def grouped(rows: list[dict], field: str) -> dict[Any, dict[str, int]]:
@@ -168,6 +194,7 @@ def usage_report(days: int, keys: QuerySet | None = None) -> dict:
         "since": since, "until": today, "days": days, "totals": totals(rows),
         "by_day": [{"day": day, **per_day.get(day, totals([]))} for day in window],
         "by_model": [{"model": model, **counts} for model, counts in sorted(grouped(rows, "model").items())],
+        "by_upstream": [{"upstream": name, **counts} for name, counts in sorted(grouped(rows, "upstream").items())],
         "rows": rows,
     }
 
@@ -177,6 +204,15 @@ def by_key(rows: list[dict]) -> list[dict]:
     names = APIKey.objects.filter(pk__in=per_key).values_list("pk", "name", "prefix")
     report = [{"key": pk, "name": name, "prefix": prefix, **per_key[pk]} for pk, name, prefix in names]
     return sorted(report, key=lambda row: (-row["requests"], row["key"]))
+
+
+def by_team(rows: list[dict]) -> list[dict]:
+    """Usage per team (the keys' team now); keys without a team under team null."""
+    teams = dict(APIKey.objects.filter(pk__in={row["key_id"] for row in rows}).values_list("pk", "team_id"))
+    names = dict(Team.objects.filter(pk__in=set(teams.values()) - {None}).values_list("pk", "name"))
+    per_team = grouped([{**row, "team": teams.get(row["key_id"])} for row in rows], "team")
+    report = [{"team": team, "name": names.get(team, ""), **counts} for team, counts in per_team.items()]
+    return sorted(report, key=lambda row: (-row["requests"], row["team"] or 0))
 
 
 @extend_schema_view(
@@ -263,7 +299,8 @@ class APIKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     @action(detail=False, methods=["get"], url_path="usage", url_name="usage-summary")
     def usage_summary(self, request: Request) -> Response:
         report = usage_report(self.window_days(request))
-        return Response(UsageSummarySerializer({**report, "by_key": by_key(report["rows"])}).data)
+        return Response(UsageSummarySerializer({**report, "by_key": by_key(report["rows"]),
+                                                "by_team": by_team(report["rows"])}).data)
 
     def window_days(self, request: Request) -> int:
         query = UsageQuerySerializer(data=request.query_params)

@@ -93,7 +93,7 @@ def spent_nanos(ctx: RequestContext) -> int:
     reserved = getattr(ctx.lease, "price", None)
     if reserved is None:
         return 0
-    price = get_price_book().price(ctx.model, getattr(ctx, "upstream", "") or "", timezone.now())
+    price = get_price_book().price(ctx.model, ctx.upstream or "", timezone.now())
     if price is None or price.currency != reserved.currency:
         price = reserved
     return to_nanos(price.cost(ctx.prompt_tokens, ctx.completion_tokens))
@@ -145,5 +145,12 @@ def record_usage(ctx: RequestContext) -> None:
         key_id=ctx.key.id, model=ctx.model, endpoint=ctx.endpoint, request_id=ctx.request_id,
         status=ctx.status, error_code=ctx.error_code, prompt_tokens=ctx.prompt_tokens,
         completion_tokens=ctx.completion_tokens, latency_ms=ctx.latency_ms, ttft_ms=ctx.ttft_ms,
-        streamed=ctx.streamed, upstream=getattr(ctx, "upstream", "") or "", route=getattr(ctx, "route", "") or "",
+        streamed=ctx.streamed, upstream=ctx.upstream or "", route=route_label(ctx.route),
     ))
+
+
+def route_label(route: Any) -> str:
+    """A usage row's route: the model's name at its upstream (an alias's target), "" if none."""
+    if route is None:
+        return ""
+    return route if isinstance(route, str) else getattr(route, "upstream_model", "") or ""

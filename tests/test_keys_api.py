@@ -385,6 +385,7 @@ class UsageTests(KeysAPITestCase):
                                    status=200, prompt_tokens=100, created_at=timezone.now() - timedelta(days=1, hours=1))
 
     def counts(self, requests, errors, prompt, completion) -> dict:
+        # No model here has a price: all of it is unpriced usage, with no spend (never 0).
         return {"requests": requests, "errors": errors, "prompt_tokens": prompt,
                 "completion_tokens": completion, "total_tokens": prompt + completion}
 
