@@ -1,4 +1,5 @@
-"""The admin dashboard: requests and tokens per day, per key and per model, as inline SVG.
+"""The admin dashboard: requests and tokens per day, per key and per model, as inline SVG, and
+spend per key, team, model and upstream with unpriced usage counted apart.
 
 Everything comes from the UsageDaily roll-ups (keys/usage_totals.py), which keys.usage updates
 at every flush (today's row included), so the page costs a few grouped queries however many usage
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.utils import timezone
 
@@ -80,7 +82,8 @@ def dashboard_context(days: int = DEFAULT_DAYS, today: date | None = None, keys=
         "start": start,
         "today": today,
         "totals": totals,
-        "tiles": tiles(totals),
+        "tiles": tiles(totals) + spend_tiles(rows),
+        "spend_tables": spend_tables(rows),
         "charts": [
             day_chart("Requests per day", per_day, [("requests_ok", "ok", "succeeded"), ("errors", "err", "failed")]),
             day_chart("Tokens per day", per_day, [("prompt_tokens", "prompt", "prompt"),
@@ -123,6 +126,59 @@ def tiles(totals: dict) -> list[tuple[str, str]]:
         ("Prompt tokens", f"{totals['prompt_tokens']:,}"),
         ("Completion tokens", f"{totals['completion_tokens']:,}"),
     ]
+
+
+def money(amount: Decimal, currency: str) -> str:
+    """An amount as shown: cents when it has no finer part, else up to 6 decimals."""
+    shown = amount.quantize(Decimal("0.01")) if amount == amount.quantize(Decimal("0.01")) else \
+        amount.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+    return f"{shown:,} {currency}"
+
+
+def spend_tiles(rows) -> list[tuple[str, str]]:
+    """Spend per currency, and the requests of models without a price, counted apart."""
+    priced = [(row["currency"], row["cost"]) for row in summed(rows.exclude(currency=""), "currency")]
+    unpriced = summed(rows.filter(currency=""))[0]
+    return [*((f"Spend ({currency})", money(cost, currency)) for currency, cost in priced),
+            ("Unpriced requests", f"{unpriced['requests']:,}"), ("Unpriced tokens", f"{unpriced['total_tokens']:,}")]
+
+
+SPEND_BREAKDOWNS = [
+    ("Spend per key", ("key_id", "key__name", "key__prefix")),
+    ("Spend per team", ("key__team__name",)),
+    ("Spend per model", ("model",)),
+    ("Spend per upstream", ("upstream",)),
+]
+
+
+def spend_tables(rows, limit: int = TOP) -> list[dict]:
+    """Per key, team, model and upstream: the spend of each currency and the unpriced usage,
+    each group on its own line, the busiest first (a table each, no chart: amounts do not add
+    across currencies)."""
+    tables = []
+    for title, group_by in SPEND_BREAKDOWNS:
+        lines = []
+        for row in summed(rows, *group_by, "currency", order_by="requests", limit=limit * 2):
+            lines.append({
+                "name": spend_label(group_by, row),
+                "requests": f"{row['requests']:,}",
+                "tokens": f"{row['total_tokens']:,}",
+                "cost": money(row["cost"], row["currency"]) if row["currency"] else "unpriced",
+                "priced": bool(row["currency"]),
+            })
+        tables.append({"title": title, "lines": lines})
+    return tables
+
+
+def spend_label(group_by: tuple[str, ...], row: dict) -> str:
+    if group_by[0] == "key_id":
+        return key_label(row)
+    value = row[group_by[0]]
+    if group_by[0] == "key__team__name":
+        return value or "(no team)"
+    if group_by[0] == "upstream":
+        return value or "(none recorded)"
+    return model_label(row)
 
 
 def top(rows, group_by: tuple[str, ...], measure: str, label, limit: int = TOP) -> list[tuple[str, int]]:
