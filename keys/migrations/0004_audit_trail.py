@@ -30,7 +30,7 @@ SQLITE_REVERSE = ["DROP TRIGGER IF EXISTS keys_auditentry_no_update"]
 def run(statements):
     def apply(apps, schema_editor):
         for statement in statements.get(schema_editor.connection.vendor, []):
-            schema_editor.execute(statement)
+            schema_editor.execute(statement, params=None)  # no placeholders: % is PL/pgSQL's
     return apply
 
 
