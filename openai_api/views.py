@@ -147,12 +147,15 @@ async def ready(request: HttpRequest) -> HttpResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    checks.update(await get_router().ready())
+    router = get_router()
+    checks.update(await router.ready())  # registered upstreams: ok while one is in rotation
     healthy = all(value == "ok" for value in checks.values())
     answer = {"status": "ok" if healthy else "unavailable"}
     # What failed, and how, names internal addresses: for this host and token holders only.
     if is_insider(request):
         answer["checks"] = checks
+        if states := router.upstream_states():  # each upstream's health (docs/routing.md#health)
+            answer["upstreams"] = states
     return json_response(answer, status=200 if healthy else 503)
 
 

@@ -7,11 +7,14 @@ Route); a call that needs a capability none of its routes has is refused (Capabi
 (zero configuration), CONTROLLER_ADDRESS is the one FastChat upstream and every model its
 controller lists is a route to it, so a bare deployment behaves as it did before the registry.
 
-The chosen route is reported to the caller's observer (the face's RequestContext), which puts
-the upstream and route on the request's usage row and metrics.
+With upstreams registered, the routes of a model are chosen, failed over and kept healthy by
+upstreams/routing.py's Dispatcher (tiers, weights, caps, breakers, failover before the first byte;
+docs/routing.md). The chosen route is reported to the caller's observer (the face's
+RequestContext), which puts the upstream and route on the request's usage row and metrics.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gateway_project import state
@@ -21,6 +24,7 @@ from upstreams.base import FASTCHAT, Answer, Observer, Route, Stream
 from upstreams.calls import ChatCall, CompletionsCall, EmbeddingsCall, TokenCheckItem
 from upstreams.errors import ModelUnknown, NoRoute, UpstreamFailure
 from upstreams.fastchat.adapter import CAPABILITIES as FASTCHAT_CAPABILITIES
+from upstreams.health import Health, get_health
 
 
 class Router:
@@ -29,21 +33,28 @@ class Router:
     def __init__(self, snapshot=registry.asnapshot, adapters=adapter_for):
         self._snapshot = snapshot
         self._adapter_for = adapters
+        self._known: tuple[Any, list[str]] = (None, [])
+        self._dispatcher: routing.Dispatcher | None = None
 
     # Models
 
     async def models(self) -> list[str]:
-        """The public models, sorted: those of registered upstreams, or the controller's list."""
+        """The public models, sorted: those with a route to an upstream in rotation (enabled, not
+        cooling down, credentials not rejected), or the controller's list."""
         snapshot = await self._snapshot()
         if snapshot.configured:
-            return snapshot.public_models()
+            usable = self.health().in_rotation
+            return [name for name, routes in snapshot.routes.items()
+                    if any(usable(route.upstream) for route in routes)]
         return await self._zero_adapter().models()
 
     def known_models(self) -> list[str]:
         """The public models as last seen, without asking anyone (metrics labels)."""
         snapshot = registry.snapshot()
         if snapshot.configured:
-            return snapshot.public_models()
+            if snapshot is not self._known[0]:  # the same list object while nothing changed
+                self._known = (snapshot, snapshot.public_models())
+            return self._known[1]
         return self._zero_adapter().known_models
 
     async def has_model(self, model: str) -> bool:
@@ -54,17 +65,13 @@ class Router:
             return bool(snapshot.serving(model))
         return await self._zero_adapter().has_model(model)
 
-    async def routes(self, public_model: str, call: Any = None) -> list[Route]:
+    async def routes(self, public_model: str, call: Any = None) -> Sequence[Route]:
         """`public_model`'s routes that can serve `call` (all of them without a call);
         CapabilityMissing when routes exist but none has what the call needs, ModelUnknown when
         there is none."""
         snapshot = await self._snapshot()
         if snapshot.configured:
-            routes = [
-                Route(spec.name, spec.kind, public_model, model.upstream_name, spec.priority, spec.weight,
-                      model.capabilities, spec.max_concurrency, spec)
-                for spec, model in snapshot.serving(public_model)
-            ]
+            routes = snapshot.routes.get(public_model, ())
         else:
             spec = registry.zero_config_upstream()
             routes = [Route(spec.name, FASTCHAT, public_model, public_model, capabilities=FASTCHAT_CAPABILITIES,
@@ -105,12 +112,37 @@ class Router:
         controller, as "controller")."""
         snapshot = await self._snapshot()
         if snapshot.configured:
-            return {}
+            health = self.health()
+            health.ensure_started()
+            if any(health.in_rotation(spec.name) for spec in snapshot.upstreams):
+                return {"upstreams": "ok"}
+            return {"upstreams": "error: no upstream in rotation"}
         try:
             await self._zero_adapter().ping()
             return {"controller": "ok"}
         except UpstreamFailure as exc:
             return {"controller": f"error: {exc.message}"}
+
+    def upstream_states(self) -> dict[str, dict[str, Any]]:
+        """Each registered enabled upstream's health (for /health/ready's insiders only: errors may
+        name internal addresses). Never an upstream's key."""
+        snapshot = registry.snapshot()
+        if not snapshot.configured:
+            return {}
+        states = {}
+        for spec in snapshot.upstreams:
+            found = self.health().state_of(spec.name, enabled=True)
+            error = found.last_error
+            if spec.api_key and len(spec.api_key) >= 4:
+                error = error.replace(spec.api_key, "…" + spec.api_key[-4:])
+            states[spec.name] = {
+                "state": found.state, "latency_ms": found.latency_ms, "last_error": error,
+                "checked_at": found.checked_at.isoformat() if found.checked_at else None,
+            }
+        return states
+
+    def health(self) -> Health:
+        return get_health()
 
     # Plumbing
 
@@ -119,17 +151,31 @@ class Router:
 
     async def _run(self, call: Any, observer: Observer | None, attempt) -> Any:
         routes = await self.routes(call.public_model, call)
-
-        async def on_route(route: Route) -> Any:
+        route = routes[0]
+        if route.upstream == registry.ZERO_CONFIG_NAME and not (await self._snapshot()).configured:
+            # Zero configuration: one FastChat upstream with nothing to fail over to (its adapter
+            # retries another worker through the controller itself). The direct call keeps the
+            # FastChat path exactly as fast as before the router.
             if observer is not None:
                 observer.on_route(route)
             result = await attempt(self._adapter_for(route.spec), route)
             result.route = route
             return result
 
-        if len(routes) == 1:  # zero configuration, and any model served once: no policy to apply
-            return await on_route(routes[0])
-        return (await routing.with_failover(routes, on_route, usable=lambda route: True))[1]
+        async def on_route(route: Route) -> Any:
+            return await attempt(self._adapter_for(route.spec), route)
+
+        dispatcher = self.dispatcher()
+        if call.stream:
+            return await dispatcher.stream(routes, call, on_route, observer)
+        return await dispatcher.answer(routes, call, on_route, observer)
+
+    def dispatcher(self) -> routing.Dispatcher:
+        """Built on first use (from the settings of that moment), with the process's health."""
+        health = self.health()
+        if self._dispatcher is None or self._dispatcher.health is not health:
+            self._dispatcher = routing.Dispatcher(health, policy=routing.RoutingPolicy.from_settings())
+        return self._dispatcher
 
 
 def get_router() -> Router:
