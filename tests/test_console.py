@@ -212,3 +212,49 @@ class OwnerTests(ConsoleCast):
         self.assertEqual(self.client.get(reverse("console:key-create", args=[self.blue.pk])).status_code, 404)
         self.blue_key.refresh_from_db()
         self.assertFalse(self.blue_key.is_revoked)
+
+
+class AuditTests(ConsoleCast):
+    """Each console action leaves exactly one audit entry: the user, the console, no plaintext."""
+
+    def test_each_console_action_leaves_one_entry_naming_the_user_and_the_console(self):
+        from keys.audit.models import AuditEntry
+
+        owner = self.login("owner")
+        created = self.client.post(reverse("console:key-create", args=[self.red.pk]), {
+            "name": "audited", "allowed_models": "m1", "requests_per_minute": "", "tokens_per_minute": "",
+            "parallel_requests": "", "token_budget": "", "money_budget": "", "budget_period": "month"})
+        key = APIKey.objects.get(name="audited")
+        changed = {"name": "audited", "allowed_models": "m1", "requests_per_minute": "7", "tokens_per_minute": "",
+                   "parallel_requests": "", "token_budget": "", "money_budget": "", "budget_period": "month"}
+        actions = [
+            ("create", lambda: created),
+            ("update", lambda: self.client.post(key_url(key), changed)),
+            ("update", lambda: self.client.post(key_url(key, "rotate"))),
+            ("update", lambda: self.client.post(key_url(key, "revoke"))),
+        ]
+        plaintexts = set(PLAINTEXT.findall(created.content.decode()))
+        seen = 0
+        for action, act in actions:
+            response = act()
+            plaintexts |= set(PLAINTEXT.findall(response.content.decode()))
+            entries = list(AuditEntry.objects.filter(object_type="keys.apikey", object_id=str(key.pk))
+                           .order_by("id"))
+            self.assertEqual(len(entries), seen + 1, [(e.action, e.changes) for e in entries])
+            entry = entries[-1]
+            self.assertEqual((entry.action, entry.origin, entry.actor_user_id), (action, "console", owner.pk))
+            seen += 1
+        self.assertEqual(len(plaintexts), 2)  # created, then rotated
+        trail = str(list(AuditEntry.objects.values()))
+        for plaintext in plaintexts:
+            self.assertNotIn(plaintext, trail)
+        self.assertNotIn(key.hashed_key, trail)
+
+    def test_a_refused_action_leaves_no_entry(self):
+        from keys.audit.models import AuditEntry
+
+        self.login("member")
+        self.client.post(key_url(self.red_key, "revoke"))
+        self.login("owner")
+        self.client.post(key_url(self.red_key), {"name": "x", "requests_per_minute": "1000"})  # above the team's
+        self.assertFalse(AuditEntry.objects.filter(origin="console").exists())
