@@ -258,3 +258,19 @@ class AuditTests(ConsoleCast):
         self.login("owner")
         self.client.post(key_url(self.red_key), {"name": "x", "requests_per_minute": "1000"})  # above the team's
         self.assertFalse(AuditEntry.objects.filter(origin="console").exists())
+
+
+class BoundsTests(ConsoleCast):
+    def test_model_lists_and_names_are_bounded(self):
+        self.red.allowed_models = []
+        self.red.save()
+        self.login("owner")
+        url = reverse("console:key-create", args=[self.red.pk])
+        base = {"name": "bounded", "budget_period": "month"}
+        for models in ("x" * 201, ",".join(f"m{i}" for i in range(1001))):
+            response = self.client.post(url, {**base, "allowed_models": models})
+            self.assertEqual(response.status_code, 200)
+            self.assertIn("allowed_models", response.context["form"].errors)
+        self.assertFalse(APIKey.objects.filter(name="bounded").exists())
+        response = self.client.get(team_url(self.red), {"days": "100000"})
+        self.assertEqual(response.context["days"], 30)

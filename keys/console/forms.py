@@ -7,12 +7,15 @@ from keys.admin import ModelListField
 from keys.models import APIKey, Team
 from keys.permissions import LIMIT_FIELDS, beyond_team
 
+MAX_MODELS = 1000  # names in a key's list (the field's max_length counts the cleaned list)
+MAX_MODEL_CHARS = 200  # one name, as wide as the usage rows' model column
+
 
 class KeyForm(forms.ModelForm):
     """Create a key or change one's models and limits, within the team's (checked in clean)."""
 
     allowed_models = ModelListField(
-        required=False, widget=forms.TextInput(attrs={"size": 60}),
+        required=False, max_length=MAX_MODELS, widget=forms.TextInput(attrs={"size": 60}),
         help_text="Comma-separated model names; empty means every model the team allows.",
     )
 
@@ -32,6 +35,12 @@ class KeyForm(forms.ModelForm):
             if ceiling is not None:
                 self.fields[field].widget.attrs.update(max=ceiling, placeholder=f"team: {ceiling:,}")
                 self.fields[field].help_text = f"At most the team's {ceiling:,}; empty: the team's limit."
+
+    def clean_allowed_models(self) -> list[str]:
+        models = self.cleaned_data["allowed_models"]
+        if any(len(name) > MAX_MODEL_CHARS for name in models):
+            raise forms.ValidationError(f"A model name has at most {MAX_MODEL_CHARS} characters.")
+        return models
 
     def clean(self) -> dict:
         data = super().clean()
