@@ -59,6 +59,9 @@ async def lifespan(scope: dict, receive: ASGIReceive, send: Callable[[dict], Awa
         message = await receive()
         if message["type"] == "lifespan.shutdown":
             try:
+                from upstreams.health import stop_probes
+
+                await stop_probes()  # the upstream probe loop, if it runs
                 await close_transport()
             except Exception:
                 logger.exception("Shutdown: closing the upstream connections failed")

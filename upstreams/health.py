@@ -213,6 +213,7 @@ class Health:
         if self._stopped or self.policy.interval_seconds <= 0:
             return
         self._task = asyncio.get_running_loop().create_task(self._run(), name="upstream-probes")
+        _probing.add(self)
 
     async def _run(self) -> None:
         # The first round comes one interval after start: a process that serves one request and
@@ -232,6 +233,7 @@ class Health:
 
     async def stop(self) -> None:
         self._stopped = True
+        _probing.discard(self)
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -249,9 +251,18 @@ class Health:
                 pass
         self._task = None
         self._stopped = False
+        _probing.discard(self)
 
 
 # The process's instances (gateway_project/state.py parts, registered by upstreams/apps.py).
+
+_probing: set[Health] = set()  # those whose probe loop was started
+
+
+async def stop_probes() -> None:
+    """Stop every probe loop of this process (ASGI lifespan shutdown, openai_api/lifecycle.py)."""
+    for health in list(_probing):
+        await health.stop()
 
 def build_tables():
     from upstreams.cooldown import MARKS
