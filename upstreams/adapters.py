@@ -28,7 +28,7 @@ def adapter_for(spec: Any) -> Adapter:
     """The process's adapter for `spec` (rebuilt when the spec changes)."""
     cache: dict[str, tuple[Any, Adapter]] = state.get("adapters")
     cached = cache.get(spec.name)
-    if cached is None or cached[0] != spec:
+    if cached is None or (cached[0] is not spec and cached[0] != spec):
         cached = cache[spec.name] = (spec, build(spec))
     return cached[1]
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
+
 from gateway_project import state
 from upstreams import registry, routing
 from upstreams.adapters import adapter_for
@@ -33,6 +35,7 @@ class Router:
     def __init__(self, snapshot=registry.asnapshot, adapters=adapter_for):
         self._snapshot = snapshot
         self._adapter_for = adapters
+        self._zero: tuple[tuple[Any, ...], Any] = ((), None)
         self._known: tuple[Any, list[str]] = (None, [])
         self._dispatcher: routing.Dispatcher | None = None
 
@@ -73,7 +76,7 @@ class Router:
         if snapshot.configured:
             routes = snapshot.routes.get(public_model, ())
         else:
-            spec = registry.zero_config_upstream()
+            spec = self._zero_spec()
             routes = [Route(spec.name, FASTCHAT, public_model, public_model, capabilities=FASTCHAT_CAPABILITIES,
                             spec=spec)]
         if not routes:
@@ -146,8 +149,16 @@ class Router:
 
     # Plumbing
 
+    def _zero_spec(self) -> Any:
+        """registry.zero_config_upstream(), made again only when its settings change (tests
+        override them), so that adapters.adapter_for() finds the same spec object."""
+        key = (settings.CONTROLLER_ADDRESS, settings.FASTCHAT_CONTROLLER_TIMEOUT, settings.FASTCHAT_WORKER_API_TIMEOUT)
+        if self._zero[0] != key:
+            self._zero = (key, registry.zero_config_upstream())
+        return self._zero[1]
+
     def _zero_adapter(self) -> Any:
-        return self._adapter_for(registry.zero_config_upstream())
+        return self._adapter_for(self._zero_spec())
 
     async def _run(self, call: Any, observer: Observer | None, attempt) -> Any:
         routes = await self.routes(call.public_model, call)
