@@ -21,7 +21,7 @@ from django.test import Client, TestCase
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
-from keys.models import APIKey, Membership, Team, UsageDaily, UsageRecord
+from keys.models import APIKey, Membership, Price, Team, UsageDaily, UsageRecord
 
 PRINCIPALS = ("anonymous", "viewer", "member", "owner", "staff", "staff_view", "superuser")
 NON_STAFF = ("viewer", "member", "owner")
@@ -46,7 +46,9 @@ class Route:
 
 
 class Cast:
-    """Teams red and blue, a key in each, a usage row, and one user per principal."""
+    """Teams red and blue, a key in each and one without a team, a usage row, a price, and one
+    user per principal. Every model of the keys app with an admin needs a row here, so that its
+    change, history and delete pages are in the matrix."""
 
     def __init__(self) -> None:
         self.red = Team.objects.create(name="red", allowed_models=["m1"], requests_per_minute=100)
@@ -56,6 +58,7 @@ class Cast:
         self.loose_key, _ = APIKey.objects.create_key("no-team-app")
         UsageRecord.objects.create(key=self.red_key, model="m1", endpoint="/v1/chat/completions",
                                    request_id="req-1", status=200, currency="")
+        Price.objects.create(model="m1", input_per_million=Decimal("1"), output_per_million=Decimal("2"))
         UsageDaily.objects.create(key=self.red_key, model="m1", day=timezone.now().date(), requests=1,
                                   currency="USD", cost=Decimal("0.5"))
         self.users: dict[str, User | None] = {"anonymous": None}

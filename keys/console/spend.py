@@ -13,10 +13,9 @@ from decimal import Decimal
 from django.db.models import Sum
 from django.utils import timezone
 
+from keys.dashboard import money
 from keys.models import APIKey, BudgetPeriod, Team
 from keys.usage_totals import rollups
-
-CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,6 @@ class Spend:
     @property
     def unpriced(self) -> str:
         return f"{self.unpriced_tokens:,} tokens" if self.unpriced_tokens else ""
-
-
-def money(amount: Decimal, currency: str) -> str:
-    """Cents, except that a positive amount below a cent shows its first significant digits."""
-    shown = amount.quantize(CENT)
-    if amount > 0 and shown == 0:
-        shown = amount.normalize()
-        return f"{shown:f} {currency}"
-    return f"{shown:,} {currency}"
 
 
 def period_start(period: str, today: date | None = None) -> date:
