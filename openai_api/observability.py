@@ -25,11 +25,11 @@ from prometheus_client import (
     multiprocess,
 )
 
-from upstreams.errors import UpstreamFailure
-from upstreams.router import get_router
 from openai_api.context import RequestContext
 from openai_api.errors import OpenAIError
 from openai_api.insiders import is_insider
+from upstreams.errors import UpstreamFailure
+from upstreams.router import get_router
 
 access_logger = logging.getLogger("gateway.access")
 

@@ -9,8 +9,8 @@ from django.test import SimpleTestCase
 from gateway_project import state
 from keys.limits import MemoryLimitStore, get_limit_store
 from keys.usage import usage_writer
-from upstreams import transport as client
 from openai_api.auth import key_cache
+from upstreams import transport as client
 from upstreams.router import get_router
 
 
