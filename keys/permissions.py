@@ -33,7 +33,7 @@ from keys.models import APIKey, Membership, Team
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "parallel_requests", "token_budget", "money_budget")
 
 VIEW_KEYS, ADD_KEYS, CHANGE_KEYS = "keys.view_apikey", "keys.add_apikey", "keys.change_apikey"
-VIEW_TEAMS = "keys.view_team"
+VIEW_TEAMS, CHANGE_TEAMS = "keys.view_team", "keys.change_team"
 
 VIEW, CREATE, MANAGE = "view", "create", "manage"
 ROLE_RIGHTS: dict[str, frozenset[str]] = {
@@ -63,8 +63,17 @@ def team_rights(user, team: Team | None) -> frozenset[str]:
     return frozenset(rights | ROLE_RIGHTS.get(role(user, team), frozenset()))
 
 
+def reads_every_key(user) -> bool:
+    """As in the admin, the change permission implies the view permission."""
+    return staff_can(user, VIEW_KEYS) or staff_can(user, CHANGE_KEYS)
+
+
+def reads_every_team(user) -> bool:
+    return staff_can(user, VIEW_TEAMS) or staff_can(user, CHANGE_TEAMS) or reads_every_key(user)
+
+
 def can_view_team(user, team: Team) -> bool:
-    return staff_can(user, VIEW_TEAMS) or staff_can(user, VIEW_KEYS) or role(user, team) is not None
+    return reads_every_team(user) or role(user, team) is not None
 
 
 def can_create_keys(user, team: Team) -> bool:
@@ -77,7 +86,7 @@ def can_manage_keys(user, team: Team | None) -> bool:
 
 
 def can_view_key(user, key: APIKey) -> bool:
-    return staff_can(user, VIEW_KEYS) or (key.team_id is not None and role(user, key.team) is not None)
+    return reads_every_key(user) or (key.team_id is not None and role(user, key.team) is not None)
 
 
 def can_manage_key(user, key: APIKey) -> bool:
@@ -94,18 +103,18 @@ def visible_teams(user, teams: QuerySet[Team] | None = None) -> QuerySet[Team]:
     teams = Team.objects.all() if teams is None else teams
     if not (user and user.is_authenticated and user.is_active):
         return teams.none()
-    if staff_can(user, VIEW_TEAMS) or staff_can(user, VIEW_KEYS):
+    if reads_every_team(user):
         return teams
     return teams.filter(pk__in=member_team_ids(user))
 
 
 def visible_keys(user, keys: QuerySet[APIKey] | None = None) -> QuerySet[APIKey]:
-    """The keys `user` may read (of `keys`, default all): every key with `view_apikey`, else
-    the keys of the user's teams."""
+    """The keys `user` may read (of `keys`, default all): every key with `view_apikey` (or
+    `change_apikey`), else the keys of the user's teams."""
     keys = APIKey.objects.all() if keys is None else keys
     if not (user and user.is_authenticated and user.is_active):
         return keys.none()
-    if staff_can(user, VIEW_KEYS):
+    if reads_every_key(user):
         return keys
     return keys.filter(team__in=member_team_ids(user))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin
 
+from keys import permissions
 from keys.admin_audit import AuditHistoryMixin
 from keys.models import Membership, Price, Team
 
@@ -66,6 +67,10 @@ class TeamAdmin(AuditHistoryMixin, admin.ModelAdmin):
                      "description": "A request reserves its worst case against every budget of its key and "
                                     "team; the tightest refuses it (docs/decisions.md#limits)."}),
     ]
+
+    def get_queryset(self, request):
+        # Team scoping is keys/permissions.py's (staff with view_team see every team).
+        return permissions.visible_teams(request.user, super().get_queryset(request))
 
     @admin.display(description="models")
     def models(self, team: Team) -> str:

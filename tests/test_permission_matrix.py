@@ -303,3 +303,20 @@ def walk(resolver: URLResolver, namespace: str):
             yield from walk(pattern, inner)
         elif isinstance(pattern, URLPattern) and pattern.name:
             yield namespace + pattern.name
+
+
+class ChangeImpliesViewTests(TestCase):
+    """As in the admin, staff with a change permission read what they may change."""
+
+    def test_change_only_staff_see_every_key_and_team(self):
+        cast = Cast()
+        user = User.objects.create_user("changer", is_staff=True)
+        user.user_permissions.set(Permission.objects.filter(
+            content_type__app_label="keys", codename__in=["change_apikey", "change_team"]))
+        client = Client()
+        client.force_login(user)
+        keys = client.get(reverse("admin:keys_apikey_changelist"))
+        self.assertEqual(admin_rows(cast, keys), EVERY_KEY)
+        teams = client.get(reverse("admin:keys_team_changelist"))
+        self.assertEqual(admin_rows(cast, teams), EVERY_TEAM)
+        self.assertEqual(client.get(reverse("console:team", args=[cast.blue.pk])).status_code, 200)
