@@ -15,8 +15,10 @@ import orjson
 import pytest
 from httpx_aiohttp import AiohttpTransport
 
+from gateway_project import state
 from openai_api.protocol import parse_chat, parse_completion, parse_embeddings
-from tests.fake_openai_server import OPENAI_UPSTREAM, FakeOpenAI
+from tests.base import GatewayTestCase
+from tests.fake_openai_server import OPENAI_UPSTREAM, FakeOpenAI, combined_transport
 from upstreams.base import Route
 from upstreams.errors import (
     BadAnswer,
@@ -27,6 +29,7 @@ from upstreams.errors import (
     Unreachable,
     UpstreamTimeout,
 )
+from upstreams.models import Upstream, UpstreamModel
 from upstreams.openai import adapter as adapter_module
 from upstreams.openai import deviations
 from upstreams.openai.adapter import OpenAIAdapter
@@ -428,3 +431,53 @@ def test_llama_cpp_validation_errors_answered_500_are_reported_as_400(monkeypatc
     h = Harness(monkeypatch, FakeOpenAI(status=500, error_body=validation))
     with pytest.raises(ServerFailure):
         h.run(h.adapter.chat(chat_call(), route()))
+
+
+# Through the gateway (the production request path, the registry and the router)
+
+
+class ThroughTheGateway(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.openai = FakeOpenAI(owned_by="me", llama_cpp=True)
+        upstream = Upstream(name="llama", kind="openai", base_url=OPENAI_UPSTREAM)
+        upstream.save_by()
+        UpstreamModel(upstream=upstream, public_name=PUBLIC, upstream_name=SERVED,
+                      capabilities=["tools", "json_schema"]).save_by()
+        state.reset(transport=combined_transport(self.openai, self.fake))
+
+    async def test_answers_and_streams_come_back_with_the_public_model(self):
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES, "seed": 3,
+                                                            "logit_bias": {"1": 2}})
+        self.assertEqual(response.status_code, 200, response.content)
+        self.assertEqual(response.json()["model"], PUBLIC)
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "Hello from the fake")
+        sent = self.openai.bodies()[-1]
+        self.assertEqual((sent["model"], sent["seed"], sent["logit_bias"]), (SERVED, 3, {"1": 2}))
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES, "stream": True,
+                                                            "stream_options": {"include_usage": True}})
+        events = [json.loads(line[6:]) for line in b"".join([c async for c in response.streaming_content])
+                  .decode().split("\n\n") if line.startswith("data: {")]
+        self.assertTrue(all(event["model"] == PUBLIC for event in events))
+        self.assertEqual(events[-1]["usage"]["completion_tokens"], len(self.openai.words))
+
+    async def test_streamed_tool_calls_join_to_the_arguments(self):
+        tool_choice = {"type": "function", "function": {"name": "get_weather"}}
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES, "stream": True,
+                                                            "tools": [TOOL], "tool_choice": tool_choice})
+        events = [json.loads(line[6:]) for line in b"".join([c async for c in response.streaming_content])
+                  .decode().split("\n\n") if line.startswith("data: {")]
+        calls = [call for event in events for choice in event["choices"]
+                 for call in (choice["delta"].get("tool_calls") or ())]
+        self.assertEqual("".join(call.get("function", {}).get("name", "") for call in calls), "get_weather")
+        self.assertEqual("".join(call["function"]["arguments"] for call in calls), '{"city": "Paris"}')
+
+    async def test_an_upstream_validation_error_is_a_400_with_its_message(self):
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES,
+                                                            "response_format": {"type": "json_schema"}})
+        # The adapter turns json_schema into llama.cpp's json_object; a format it does not know is refused.
+        self.assertEqual(response.status_code, 200, response.content)
+        self.openai.status = 422
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES})
+        self.assertError(response, 422)
+        self.assertEqual(response.json()["error"]["message"], "fake failure 422")

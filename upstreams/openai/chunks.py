@@ -3,8 +3,9 @@
 - ToolCallHeaders: OpenAI sends a tool call's `id`, `type` and `function.name` in the first
   delta of that call only, then `function.arguments` fragments; llama.cpp's server repeats all
   three with every fragment, so a client that joins fragments gets `get_weatherget_weather...`.
-- text_pieces(): the text-bearing deltas of a chunk, counted when an upstream reports no usage
-  (llama.cpp's server streams one token per chunk, so the count is exact there).
+- text_pieces(): the token-bearing deltas of a chunk, counted when an upstream reports no usage
+  (llama.cpp's server streams one token per chunk, so the count is exact there; its prompt
+  tokens are estimated from characters).
 - estimated_prompt_tokens(): about four characters a token, for upstreams that never report it.
 """
 from __future__ import annotations
@@ -69,7 +70,10 @@ def text_pieces(chunk: dict[str, Any]) -> int:
             continue
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            if delta.get("content"):
+            content = delta.get("content")
+            # An empty content is a token too (llama.cpp sends one for a byte that does not end a
+            # character), except beside the role that opens a choice.
+            if isinstance(content, str) and (content or delta.get("role") is None):
                 count += 1
             else:
                 calls = delta.get("tool_calls")
@@ -78,7 +82,7 @@ def text_pieces(chunk: dict[str, Any]) -> int:
                     and call["function"].get("arguments") for call in calls
                 ):
                     count += 1
-        elif choice.get("text"):
+        elif isinstance(choice.get("text"), str) and (choice["text"] or not choice.get("finish_reason")):
             count += 1
     return count
 
