@@ -1,7 +1,9 @@
-"""Per-key limits: requests/minute, tokens/minute, parallel requests, token budget per period.
+"""Limits of a key and of its team: requests/minute, tokens/minute, parallel requests, a token
+and a money budget per period (docs/decisions.md#limits: every level checked, the tightest wins).
 
-A request takes a Lease before it reaches a worker and gives it back, with the tokens it used,
-on every path (success, error, timeout, client disconnect). Two stores share one contract:
+A request takes a Lease before it reaches a worker, reserving its worst case (Worst) against
+every budget, and gives it back, with the tokens and cost it used, on every path (success,
+error, timeout, client disconnect). Two stores share one contract:
 MemoryLimitStore (one process) and RedisLimitStore (atomic Lua scripts, shared by every
 process), chosen by REDIS_URL. Windows are sliding: requests are counted over the last 60 s,
 tokens in one-second buckets over the last 60 s.
@@ -106,6 +108,13 @@ class Worst:
     nanos: int | None = 0
     currency: str = ""
 
+    def nanos_in(self, currency: str) -> int | None:
+        """The worst cost in `currency`; None if it cannot be told in it (no price, or a price
+        in another currency). A request that may cost nothing costs nothing in any currency."""
+        if self.nanos == 0:
+            return 0
+        return self.nanos if self.nanos is not None and self.currency == currency else None
+
 
 NOTHING = Worst()
 
@@ -205,10 +214,11 @@ def check_budget(limits: Limits, state: KeyState, worst: Worst) -> str | None:
                                                        limits.token_budget):
         return "budget"
     if limits.money_budget is not None:
-        if worst.nanos is None or worst.currency != limits.currency:
+        nanos = worst.nanos_in(limits.currency)
+        if nanos is None:
             return "unpriced"
         reserved_nanos = sum(n for _, n in state.reserved.values())
-        if over_budget(state.nanos_used, reserved_nanos, worst.nanos, limits.money_budget_nanos):
+        if over_budget(state.nanos_used, reserved_nanos, nanos, limits.money_budget_nanos):
             return "money"
     return None
 
@@ -535,8 +545,8 @@ class RedisLimitStore:
             args += [-1 if v is None else v for v in (level.requests_per_minute, level.tokens_per_minute,
                                                       level.parallel_requests, level.token_budget,
                                                       level.money_budget_nanos)]
-            priced = worst.nanos is not None and worst.currency == level.currency
-            args += [worst.tokens, worst.nanos if priced else -1]
+            nanos = worst.nanos_in(level.currency)
+            args += [worst.tokens, -1 if nanos is None else nanos]
         verdict, refusing, *counts = await client._acquire(keys=keys, args=args)
         for index in reversed(range(len(levels))):  # the key's headers over its team's
             requests, tokens, request_reset, token_reset = counts[index * 4 : index * 4 + 4]

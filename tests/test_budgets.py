@@ -102,6 +102,7 @@ def test_a_money_budget_counts_billionths_and_refuses_unpriced_models():
         with pytest.raises(LimitExceeded) as refused:
             await store.acquire(key, Worst(10, 1, "EUR"))  # priced, but not in the budget's currency
         assert refused.value.kind == "unpriced"
+        await store.acquire(key, Worst())  # a request that cannot cost anything (token_check) passes
         await store.acquire(key, Worst(10, 250, "USD"))  # 750 + 250 = 1000: exactly the budget
 
     asyncio.run(scenario())
