@@ -8,7 +8,8 @@ tell which upstream served it.
   /stats answers 401 to a request without `Authorization: Bearer KEY`;
 - POST /v1/chat/completions and /v1/completions, streamed or not: the text is "<name> " repeated
   `--chunks` times, one chunk each, with usage when the client asked for it;
-- GET /stats: {"requests": n} (every API request counted, answered or refused).
+- GET /stats: {"requests": n, "generations": m}: every API request (answered or refused), and
+  the chat and completions requests among them (probes are not generations).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import asyncio
 import json
 import time
 
-COUNT = {"requests": 0}
+COUNT = {"requests": 0, "generations": 0}
 
 
 def make_app(name: str, api_key: str | None, models: list[str], chunks: int, delay: float):
@@ -49,6 +50,8 @@ def make_app(name: str, api_key: str | None, models: list[str], chunks: int, del
             await send_json(send, 200, COUNT)
             return
         COUNT["requests"] += 1
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            COUNT["generations"] += 1
         headers = dict(scope["headers"])
         if api_key is not None and headers.get(b"authorization", b"") != f"Bearer {api_key}".encode():
             await send_json(send, 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
