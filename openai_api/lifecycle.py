@@ -57,6 +57,13 @@ async def lifespan(scope: dict, receive: ASGIReceive, send: Callable[[dict], Awa
 
     async def receive_then_close() -> dict:
         message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                from upstreams.health import get_health
+
+                get_health().ensure_started()  # probes registered upstreams from the start
+            except Exception:
+                logger.exception("Startup: the upstream probe loop did not start")
         if message["type"] == "lifespan.shutdown":
             try:
                 from upstreams.health import stop_probes

@@ -77,12 +77,9 @@ def _default_snapshot():
 
 
 def _default_specs(snapshot):
-    """The upstreams to probe: the registered enabled ones, or the zero-configuration one."""
-    if snapshot.configured:
-        return list(snapshot.upstreams)
-    from upstreams.registry import zero_config_upstream
-
-    return [zero_config_upstream()]
+    """The upstreams to probe: the registered enabled ones. With zero configuration nothing is
+    probed: the one controller has nothing to fail over to, and /health/ready pings it itself."""
+    return list(snapshot.upstreams) if snapshot.configured else []
 
 
 def _default_adapter(spec):
