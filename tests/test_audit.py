@@ -181,6 +181,37 @@ class AdminPathTests(AuditAssertions, GatewayTestCase):
         entry = self.assertOneEntry(carol, "update", "admin", actor=self.root, secrets=[password, carol.password])
         self.assertEqual(entry.changes, {"password": [REDACTED, REDACTED]})
 
+    def test_a_team_with_a_member_and_a_price(self):
+        member = User.objects.create_user("mia")
+        self.mark()
+        response = self.client.post(reverse("admin:keys_team_add"), {
+            "name": "red", "allowed_models": "[\"m1\"]", "requests_per_minute": "", "tokens_per_minute": "",
+            "parallel_requests": "", "token_budget": "", "money_budget": "25", "budget_currency": "USD",
+            "budget_period": "month",
+            "memberships-TOTAL_FORMS": "1", "memberships-INITIAL_FORMS": "0",
+            "memberships-MIN_NUM_FORMS": "0", "memberships-MAX_NUM_FORMS": "1000",
+            "memberships-0-user": str(member.pk), "memberships-0-role": "owner",
+        })
+        self.assertEqual(response.status_code, 302, response.context and [
+            response.context["adminform"].form.errors, [f.errors for f in response.context["inline_admin_formsets"][0].formset]])
+        team = Team.objects.get(name="red")
+        entries = self.new_entries()
+        self.assertEqual(sorted((e.object_type, e.action, e.origin, e.actor_user_id) for e in entries),
+                         [("keys.membership", "create", "admin", self.root.pk),
+                          ("keys.team", "create", "admin", self.root.pk)], "one entry per object changed")
+        team_entry = next(e for e in entries if e.object_type == "keys.team")
+        self.assertEqual((team_entry.object_id, team_entry.changes["money_budget"]), (str(team.pk), [None, "25.000000"]))
+        history = reverse("admin:keys_team_history", args=[team.pk])
+        self.assertContains(self.client.get(self.change_url(team)), history)
+        self.assertRedirects(self.client.get(history), f"{TRAIL}?object_type=keys.team&object_id={team.pk}")
+        self.mark()
+        response = self.client.post(reverse("admin:keys_price_add"), {
+            "model": "m1", "upstream": "", "input_per_million": "0.5", "output_per_million": "1.5",
+            "currency": "USD", "valid_from_0": "2026-01-01", "valid_from_1": "00:00:00"})
+        self.assertEqual(response.status_code, 302, response.content[:3000])
+        entry = self.assertOneEntry(Price.objects.get(model="m1"), "create", "admin", actor=self.root)
+        self.assertEqual(entry.changes["output_per_million"], [None, "1.500000"])
+
     def test_logging_in_is_not_a_change(self):
         User.objects.create_user("dave", password="dave-password-3")
         self.mark()
