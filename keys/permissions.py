@@ -13,12 +13,12 @@ Rights come from two places, and a user has the union of both:
   | role   | read the team, its keys, spend, charts | create keys | revoke, rotate, set limits |
   |--------|----------------------------------------|-------------|----------------------------|
   | viewer | yes                                    | no          | no                         |
-  | member | yes                                    | no          | no                         |
-  | owner  | yes                                    | yes         | yes                        |
+  | member | yes                                    | yes         | of the keys they created   |
+  | owner  | yes                                    | yes         | of every key of the team   |
 
-  Members and viewers differ only in what the rest of the gateway does with them (a member
-  is somebody the team's keys are for; a viewer only watches, e.g. finance); in the console
-  both read. Keys without a team are reached through model permissions only.
+  Who created a key is read from the audit trail (its "create" entry's user), which every
+  interface writes and nobody can change. Keys without a team are reached through model
+  permissions only.
 
 Whatever cannot be seen is reported as absent (404), never as forbidden, so ids do not leak
 across teams; what can be seen but not changed is 403.
@@ -38,7 +38,7 @@ VIEW_TEAMS, CHANGE_TEAMS = "keys.view_team", "keys.change_team"
 VIEW, CREATE, MANAGE = "view", "create", "manage"
 ROLE_RIGHTS: dict[str, frozenset[str]] = {
     Membership.Role.VIEWER: frozenset({VIEW}),
-    Membership.Role.MEMBER: frozenset({VIEW}),
+    Membership.Role.MEMBER: frozenset({VIEW, CREATE}),  # and MANAGE of the keys they created
     Membership.Role.OWNER: frozenset({VIEW, CREATE, MANAGE}),
 }
 # The model permission that gives a right over every team's keys.
@@ -90,8 +90,34 @@ def can_view_key(user, key: APIKey) -> bool:
 
 
 def can_manage_key(user, key: APIKey) -> bool:
-    return staff_can(user, CHANGE_KEYS) or (key.team_id is not None and
-                                            MANAGE in ROLE_RIGHTS.get(role(user, key.team), frozenset()))
+    """Revoke, rotate and change `key`: change_apikey, the key's team's owner, or the team's
+    member who created it."""
+    if staff_can(user, CHANGE_KEYS):
+        return True
+    if key.team_id is None:
+        return False
+    their_role = role(user, key.team)
+    if their_role == Membership.Role.MEMBER:
+        return key.pk in keys_created_by(user, [key.pk])
+    return MANAGE in ROLE_RIGHTS.get(their_role, frozenset())
+
+
+def manageable_keys(user, team: Team, keys: list[APIKey]) -> set[int]:
+    """The ids of those of `team`'s `keys` that `user` may revoke, rotate and change."""
+    if can_manage_keys(user, team):
+        return {key.pk for key in keys}
+    if role(user, team) == Membership.Role.MEMBER:
+        return keys_created_by(user, [key.pk for key in keys])
+    return set()
+
+
+def keys_created_by(user, key_ids: list[int]) -> set[int]:
+    """Those of `key_ids` whose creation the audit trail attributes to `user`."""
+    from keys.audit.models import AuditEntry
+
+    created = AuditEntry.objects.filter(object_type="keys.apikey", action=AuditEntry.Action.CREATE,
+                                        actor_user=user, object_id__in=[str(pk) for pk in key_ids])
+    return {int(pk) for pk in created.values_list("object_id", flat=True)}
 
 
 def member_team_ids(user) -> QuerySet:

@@ -112,20 +112,43 @@ class ReadingTests(ConsoleCast):
         self.assertNotIn("secret-model", page)
         self.assertNotIn("<script src=\"http", page)
 
-    def test_viewers_and_members_get_no_forms_and_their_posts_are_refused(self):
+    def test_viewers_and_members_cannot_change_keys_they_did_not_create(self):
         for role in ("viewer", "member"):
             self.login(role)
             page = self.client.get(team_url(self.red)).content.decode()
-            self.assertNotIn("Create a key", page)
+            self.assertEqual("Create a key" in page, role == "member")
             self.assertNotIn(key_url(self.red_key, "revoke"), page)
             self.assertNotIn('id="key-form"', self.client.get(key_url(self.red_key)).content.decode())
             self.assertEqual(self.client.post(key_url(self.red_key, "revoke")).status_code, 403)
             self.assertEqual(self.client.post(key_url(self.red_key, "rotate")).status_code, 403)
             self.assertEqual(self.client.post(key_url(self.red_key), {"name": "x"}).status_code, 403)
-            self.assertEqual(self.client.get(reverse("console:key-create", args=[self.red.pk])).status_code, 403)
+            create = self.client.get(reverse("console:key-create", args=[self.red.pk]))
+            self.assertEqual(create.status_code, 200 if role == "member" else 403)
             self.red_key.refresh_from_db()
             self.assertFalse(self.red_key.is_revoked)
             self.assertEqual(self.red_key.name, "red-app")
+
+    def test_a_member_manages_the_keys_they_created_only(self):
+        member = self.login("member")
+        response = self.client.post(reverse("console:key-create", args=[self.red.pk]), {
+            "name": "laptop", "allowed_models": "m1", "budget_period": "month"})
+        self.assertEqual(response.status_code, 200)
+        self.assertTrue(PLAINTEXT.search(response.content.decode()))
+        mine = APIKey.objects.get(name="laptop")
+        page = self.client.get(team_url(self.red)).content.decode()
+        self.assertIn(key_url(mine, "revoke"), page)
+        self.assertNotIn(key_url(self.red_key, "revoke"), page)
+        self.assertContains(self.client.get(key_url(mine)), 'id="key-form"')
+        self.assertEqual(self.client.post(key_url(mine, "rotate")).status_code, 200)
+        self.assertEqual(self.client.post(key_url(mine, "revoke")).status_code, 302)
+        mine.refresh_from_db()
+        self.assertTrue(mine.is_revoked)
+        # Another member of the team, or a viewer, may not.
+        other = User.objects.create_user("red-member-2")
+        Membership.objects.create(team=self.red, user=other, role=Membership.Role.MEMBER)
+        self.client.force_login(other)
+        self.assertEqual(self.client.post(key_url(mine, "rotate")).status_code, 403)
+        self.assertNotEqual(member, other)
 
 
 class OwnerTests(ConsoleCast):

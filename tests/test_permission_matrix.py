@@ -21,6 +21,7 @@ from django.test import Client, TestCase
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
+from keys import audit
 from keys.models import APIKey, Membership, Price, Team, UsageDaily, UsageRecord
 
 PRINCIPALS = ("anonymous", "viewer", "member", "owner", "staff", "staff_view", "superuser")
@@ -70,6 +71,9 @@ class Cast:
         self.users["staff_view"].user_permissions.set(
             Permission.objects.filter(content_type__app_label="keys", codename__startswith="view_"))
         self.users["superuser"] = User.objects.create_superuser("root", "root@example.com", None)
+        # A key the member created (the audit trail says who created a key).
+        with audit.context(actor=self.users["member"], origin="console"):
+            self.member_key, _ = APIKey.objects.create_key("member-app", team=self.red)
 
     def client(self, principal: str) -> Client:
         client = Client()
@@ -104,7 +108,7 @@ def admin_rows(cast: Cast, response) -> set[str]:
 
 
 EVERY_TEAM, RED = {"red", "blue"}, {"red"}
-EVERY_KEY = {"red-app", "blue-app", "no-team-app"}
+EVERY_KEY = {"red-app", "blue-app", "no-team-app", "member-app"}
 GLOBAL_READERS = ("staff_view", "superuser")
 TEAM_READERS = (*NON_STAFF, *GLOBAL_READERS)
 KEY_FORM = {"name": "changed", "allowed_models": "m1", "requests_per_minute": "10", "tokens_per_minute": "",
@@ -123,7 +127,7 @@ CONSOLE = [
     Route("home", "get", console("home"), {"anonymous": 302}, default=200, list_rows=shown("team"),
           rows={**dict.fromkeys(NON_STAFF, RED), "staff": set(), "staff_view": EVERY_TEAM, "superuser": EVERY_TEAM}),
     Route("team", "get", console("team", "red"), {"anonymous": 302, "staff": 404}, default=200,
-          list_rows=shown("key"), rows=dict.fromkeys(TEAM_READERS, {"red-app"})),
+          list_rows=shown("key"), rows=dict.fromkeys(TEAM_READERS, {"red-app", "member-app"})),
     Route("team", "get", console("team", "blue"), {"anonymous": 302, "staff_view": 200, "superuser": 200},
           default=404, list_rows=shown("key"), rows=dict.fromkeys(GLOBAL_READERS, {"blue-app"})),
     Route("key", "get", console("key", "red_key"), {"anonymous": 302, "staff": 404}, default=200),
@@ -135,10 +139,11 @@ CONSOLE = [
                                                      "staff": 404}, default=403, data=lambda cast: KEY_FORM),
     Route("key", "post", console("key", "blue_key"), {"anonymous": 302, "staff_view": 403, "superuser": 302},
           default=404, data=lambda cast: KEY_FORM),
-    Route("key-create", "get", console("key-create", "red"), {"anonymous": 302, "owner": 200, "superuser": 200,
-                                                             "staff": 404}, default=403),
-    Route("key-create", "post", console("key-create", "red"), {"anonymous": 302, "owner": 200, "superuser": 200,
-                                                              "staff": 404}, default=403, data=lambda cast: KEY_FORM),
+    Route("key-create", "get", console("key-create", "red"), {"anonymous": 302, "member": 200, "owner": 200,
+                                                             "superuser": 200, "staff": 404}, default=403),
+    Route("key-create", "post", console("key-create", "red"), {"anonymous": 302, "member": 200, "owner": 200,
+                                                              "superuser": 200, "staff": 404}, default=403,
+          data=lambda cast: KEY_FORM),
     Route("key-create", "post", console("key-create", "blue"), {"anonymous": 302, "staff_view": 403,
                                                                "superuser": 200}, default=404,
           data=lambda cast: KEY_FORM),
@@ -146,6 +151,14 @@ CONSOLE = [
                                                                    "superuser": 302, "staff": 404}, default=403),
     Route("key-revoke", "post", console("key-revoke", "blue_key"), {"anonymous": 302, "staff_view": 403,
                                                                     "superuser": 302}, default=404),
+    # Members manage the keys they created.
+    Route("key-revoke", "post", console("key-revoke", "member_key"), {"anonymous": 302, "member": 302, "owner": 302,
+                                                                      "superuser": 302, "staff": 404}, default=403),
+    Route("key-rotate", "post", console("key-rotate", "member_key"), {"anonymous": 302, "member": 200, "owner": 200,
+                                                                      "superuser": 200, "staff": 404}, default=403),
+    Route("key", "post", console("key", "member_key"), {"anonymous": 302, "member": 302, "owner": 302,
+                                                        "superuser": 302, "staff": 404}, default=403,
+          data=lambda cast: KEY_FORM),
     Route("key-rotate", "post", console("key-rotate", "red_key"), {"anonymous": 302, "owner": 200,
                                                                    "superuser": 200, "staff": 404}, default=403),
     Route("key-rotate", "post", console("key-rotate", "blue_key"), {"anonymous": 302, "staff_view": 403,

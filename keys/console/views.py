@@ -81,12 +81,15 @@ def home(request: HttpRequest) -> TemplateResponse:
 def team_detail(request: HttpRequest, team_id: int) -> TemplateResponse:
     team = team_or_404(request, team_id)
     keys = list(permissions.visible_keys(request.user, team.keys.all()).order_by("revoked_at", "-created_at"))
+    manageable = permissions.manageable_keys(request.user, team, keys)
+    for key in keys:
+        key.manageable = key.pk in manageable and not key.is_revoked
     days = window_days(request)
     return page(
         request, "team.html", team.name, team=team, keys=spend.with_spend(keys, team),
         role=permissions.role(request.user, team), team_spend=spend.team_spend(team),
         can_create=permissions.can_create_keys(request.user, team),
-        can_manage=permissions.can_manage_keys(request.user, team),
+        can_manage=bool(manageable),
         **dashboard.dashboard_context(days, keys=[key.pk for key in keys]),
     )
 
