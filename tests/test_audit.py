@@ -400,6 +400,19 @@ class TeamConsoleTests(AuditAssertions, TestCase):
         self.client.post(reverse("console:key-revoke", args=[self.key.pk]))
         self.assertOneEntry(self.key, "update", "console", actor=self.owner)
 
+    def test_console_create_and_change(self):
+        data = {"name": "new-app", "allowed_models": "", "requests_per_minute": "50", "tokens_per_minute": "",
+                "parallel_requests": "", "token_budget": "", "money_budget": "", "budget_period": "month"}
+        response = self.client.post(reverse("console:key-create", args=[self.team.pk]), data)
+        plaintext = PLAINTEXT.search(response.content.decode()).group(0)
+        key = APIKey.objects.get(name="new-app")
+        entry = self.assertOneEntry(key, "create", "console", actor=self.owner, secrets=[plaintext, hash_key(plaintext)])
+        self.assertEqual((entry.changes["team"], entry.changes["requests_per_minute"]), ([None, self.team.pk], [None, 50]))
+        response = self.client.post(reverse("console:key", args=[key.pk]), {**data, "requests_per_minute": "40"})
+        self.assertEqual(response.status_code, 302)
+        entry = self.assertOneEntry(key, "update", "console", actor=self.owner)
+        self.assertEqual(entry.changes, {"requests_per_minute": [50, 40]})
+
     def test_teams_memberships_and_prices_through_the_context_api(self):
         member = User.objects.create_user("mo")
         self.mark()
