@@ -270,3 +270,8 @@ def test_dispatcher_a_client_leaving_a_stream_is_not_a_failure():
 
 async def _ready(value):
     return value
+
+
+def test_json_schema_grants_json_mode():
+    routes = [route("plain"), route("schema", capabilities={"json_schema"})]
+    assert [r.upstream for r in capable(routes, Call({"json_mode"}))] == ["schema"]

@@ -33,33 +33,41 @@ IN_FLIGHT = Gauge("gateway_upstream_in_flight", "Attempts in flight per upstream
 STATE = Gauge("gateway_upstream_state", "1 for the upstream's current health state, 0 for the others.",
               ["upstream", "state"], multiprocess_mode="livemax")
 
-_labels: set[str] = set()
+_children: dict[str, tuple] = {}  # upstream -> its series (labels() costs a lock and a look-up)
+
+
+def series(upstream: str) -> tuple:
+    """(requests, in flight, latency, time to first token) of `upstream`; "other" beyond
+    MAX_UPSTREAM_LABELS names."""
+    found = _children.get(upstream)
+    if found is None:
+        name = upstream if len(_children) < MAX_UPSTREAM_LABELS else OTHER
+        found = (REQUESTS.labels(name), IN_FLIGHT.labels(name), LATENCY.labels(name), TIME_TO_FIRST_TOKEN.labels(name),
+                 name)
+        if name != OTHER:
+            _children[upstream] = found
+    return found
 
 
 def label(upstream: str) -> str:
-    if upstream in _labels:
-        return upstream
-    if len(_labels) < MAX_UPSTREAM_LABELS:
-        _labels.add(upstream)
-        return upstream
-    return OTHER
+    return series(upstream)[4]
 
 
 def started(upstream: str) -> None:
-    name = label(upstream)
-    REQUESTS.labels(name).inc()
-    IN_FLIGHT.labels(name).inc()
+    requests, in_flight, *_ = series(upstream)
+    requests.inc()
+    in_flight.inc()
 
 
 def first_byte(upstream: str, seconds: float) -> None:
-    TIME_TO_FIRST_TOKEN.labels(label(upstream)).observe(seconds)
+    series(upstream)[3].observe(seconds)
 
 
 def finished(upstream: str, seconds: float, kind: str | None = None) -> None:
     """An attempt ended after `seconds`: well (kind None) or with a failure of `kind`."""
-    name = label(upstream)
-    IN_FLIGHT.labels(name).dec()
-    LATENCY.labels(name).observe(seconds)
+    _, in_flight, latency, _, name = series(upstream)
+    in_flight.dec()
+    latency.observe(seconds)
     if kind is not None:
         ERRORS.labels(name, kind if kind in FAILURE_KINDS else OTHER).inc()
 

@@ -81,24 +81,47 @@ class InFlight:
 def capable(routes: Iterable[RouteLike], call: Any) -> list[RouteLike]:
     """The routes that have every capability `call` needs; CapabilityMissing (400 naming the
     parameter that asked for it) if no route has them all."""
+    needs = call.needs
+    if not needs:
+        return routes if isinstance(routes, (list, tuple)) else list(routes)
     routes = list(routes)
-    fit = [route for route in routes if call.needs <= route.capabilities]
+    fit = [route for route in routes if needs <= granted(route.capabilities)]
     if routes and not fit:
         from upstreams.calls import first_unmet
 
         # The route that lacks least decides which parameter the message names.
-        best = max(routes, key=lambda route: len(call.needs & route.capabilities))
-        need = first_unmet(call, best.capabilities)
+        best = max(routes, key=lambda route: len(needs & granted(route.capabilities)))
+        need = first_unmet(call, granted(best.capabilities))
         raise errors.CapabilityMissing(need.param, need.message)
     return fit
 
 
+def granted(capabilities: frozenset[str]) -> frozenset[str]:
+    """A route's capabilities, with JSON mode for a route that has JSON schemas (a server that
+    constrains output to a schema can constrain it to any JSON object)."""
+    if "json_schema" in capabilities and "json_mode" not in capabilities:
+        return capabilities | {"json_mode"}
+    return capabilities
+
+
 def tiers(routes: Iterable[RouteLike]) -> list[list[RouteLike]]:
     """Routes grouped by priority, preferred (largest) first."""
+    if isinstance(routes, tuple):  # a snapshot's routes: grouped once
+        cached = _tiers.get(id(routes))
+        if cached is not None and cached[0] is routes:
+            return cached[1]
     grouped: dict[int, list[RouteLike]] = defaultdict(list)
     for route in routes:
         grouped[route.priority].append(route)
-    return [grouped[priority] for priority in sorted(grouped, reverse=True)]
+    found = [grouped[priority] for priority in sorted(grouped, reverse=True)]
+    if isinstance(routes, tuple):
+        if len(_tiers) >= 4096:
+            _tiers.clear()
+        _tiers[id(routes)] = (routes, found)  # holding `routes` keeps its id from being reused
+    return found
+
+
+_tiers: dict[int, tuple[tuple, list]] = {}
 
 
 def weighted(routes: Sequence[RouteLike], rng: random.Random) -> RouteLike:
