@@ -5,11 +5,13 @@ exported as CSV. `AuditHistoryMixin` makes an admin's "History" button open an o
 from __future__ import annotations
 
 import csv
+import json
 from itertools import islice
 
 from asgiref.sync import sync_to_async
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
+from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -54,7 +56,7 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
 
     def cells(row: tuple) -> list:
         *head, changes = row
-        return safe_row([*head, AuditEntry._meta.get_field("changes").get_prep_value(changes)])
+        return safe_row([*head, json.dumps(changes, cls=DjangoJSONEncoder, ensure_ascii=False)])
 
     async def lines():
         yield writer.writerow(CSV_FIELDS)
