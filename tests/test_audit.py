@@ -467,6 +467,32 @@ class TrailAdminTests(AuditAssertions, GatewayTestCase):
         self.client.post(TRAIL, {"action": "delete_selected", "_selected_action": [self.entry.pk], "post": "yes"})
         self.assertEqual(AuditEntry.objects.get(pk=self.entry.pk).object_repr, self.entry.object_repr)
 
+    def test_no_route_but_the_admins_reads_entries(self):
+        from django.urls import get_resolver
+
+        def views(patterns):
+            for pattern in patterns:
+                if hasattr(pattern, "url_patterns"):
+                    yield from views(pattern.url_patterns)
+                else:
+                    yield pattern.callback
+
+        for view in views(get_resolver().url_patterns):
+            queryset = getattr(getattr(view, "cls", None), "queryset", None)
+            self.assertFalse(queryset is not None and queryset.model is AuditEntry, view)
+        for method in ("post", "put", "patch", "delete"):
+            self.assertEqual(getattr(self.client, method)("/api/audit/").status_code, 404)
+
+    def test_staff_need_the_view_permission(self):
+        staff = User.objects.create_user("intern", is_staff=True)
+        self.client.force_login(staff)
+        self.assertEqual(self.client.get(TRAIL).status_code, 403)
+        self.assertEqual(self.client.get(EXPORT).status_code, 403)
+        staff.user_permissions.add(Permission.objects.get(codename="view_auditentry"))
+        self.assertEqual(self.client.get(TRAIL).status_code, 200)
+        self.assertEqual(self.client.post(reverse("admin:keys_auditentry_change", args=[self.entry.pk]),
+                                          {"object_repr": "forged"}).status_code, 403)
+
     def test_the_model_and_queryset_refuse(self):
         self.entry.object_repr = "forged"
         with self.assertRaises(AuditEntryImmutable):
