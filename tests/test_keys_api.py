@@ -431,7 +431,7 @@ class SchemaTests(KeysAPITestCase):
         schema = response.json()
         validate_schema(schema)
         self.assertTrue(schema["openapi"].startswith("3."))
-        self.assertEqual(set(schema["paths"]), {
+        self.assertEqual({path for path in schema["paths"] if path.startswith("/api/keys/")}, {
             "/api/keys/", "/api/keys/{id}/", "/api/keys/{id}/revoke/", "/api/keys/{id}/rotate/",
             "/api/keys/{id}/usage/", "/api/keys/usage/",
         })

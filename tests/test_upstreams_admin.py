@@ -407,3 +407,16 @@ class SecrecyTests(GatewayTestCase):
         self.assertGreater(len(self.pages), 15)
         for where, text in self.pages:
             self.assertNowhere(text, where)
+
+
+class SchemaTests(TestCase):
+    def test_the_schema_describes_the_registry_api_with_a_write_only_key(self):
+        from rest_framework.test import APIClient as Client
+
+        schema = Client().get("/api/schema/", {"format": "json"}).json()
+        self.assertLessEqual({"/api/upstreams/", "/api/upstreams/{id}/", "/api/upstreams/{id}/test/",
+                              "/api/upstreams/{id}/discover/", "/api/upstream-models/", "/api/upstream-models/{id}/"},
+                             set(schema["paths"]))
+        properties = schema["components"]["schemas"]["Upstream"]["properties"]
+        self.assertTrue(properties["api_key"]["writeOnly"])
+        self.assertTrue(properties["api_key_last4"]["readOnly"])
