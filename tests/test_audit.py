@@ -12,6 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 from unittest import mock
 
+from asgiref.sync import sync_to_async
 from cryptography.fernet import Fernet
 from django import forms
 from django.conf import settings
@@ -211,6 +212,14 @@ class AdminPathTests(AuditAssertions, GatewayTestCase):
         self.assertEqual(response.status_code, 302, response.content[:3000])
         entry = self.assertOneEntry(Price.objects.get(model="m1"), "create", "admin", actor=self.root)
         self.assertEqual(entry.changes["output_per_million"], [None, "1.500000"])
+
+    async def test_api_requests_write_no_entry(self):
+        self.assertNotIn("keys.audit.middleware.audit_scope", settings.API_MIDDLEWARE)
+        response = await self.post("/v1/chat/completions", {"model": "m1", "messages": [{"role": "user", "content": "Hi"}],
+                                                            "max_tokens": 4})
+        self.assertEqual(response.status_code, 200, response.content)
+        await sync_to_async(usage_writer.flush)()
+        self.assertEqual(await sync_to_async(self.new_entries)(), [])
 
     def test_logging_in_is_not_a_change(self):
         User.objects.create_user("dave", password="dave-password-3")

@@ -247,7 +247,8 @@ def update(queryset: models.QuerySet, **values: Any) -> int:
             scope = implicit_scope()
         for row in rows:
             note(scope, model, row.pk, concrete_state(row, rules), concrete=True, repr_=str(row))
-        count = model._base_manager.filter(pk__in=[row.pk for row in rows]).update(**values)
+        # The caller's conditions stay (a revocation keeps the first revocation time).
+        count = queryset.filter(pk__in=[row.pk for row in rows]).update(**values)
         if own:
             flush(scope)
     return count
