@@ -1,14 +1,14 @@
 """Fault-injection suite: real processes, one fault at a time, one table of what clients saw.
 
     . .venv/bin/activate && python bench/faults.py            # full durations (docs/reliability.md)
-    python bench/faults.py --quick                             # short outages, fewer requests (~2 min)
+    python bench/faults.py --quick                             # short outages, fewer requests (~3 min)
     python bench/faults.py --quick --faults redis_down,sigkill # some faults only
     python bench/faults.py --json out.json                     # the rows as JSON too
 
 The stack is the production shape: two gateway processes (``manage.py openai_api_server``,
 uvicorn) behind nginx (``deploy/nginx/gateway.conf``), a throwaway PostgreSQL and Redis
 (tests/services.py), FastChat's real controller and two demo workers (upstreams/fastchat/demo_worker.py)
-serving one model. Each fault gets API keys of its own (one limited to parallel requests, so
+serving one model; full runs add FastChat's real model_worker with the tests' tiny model. Each fault gets API keys of its own (one limited to parallel requests, so
 that leaked slots show in Redis), sends its load through nginx, injects the fault, lets the
 stack recover, then measures:
 
