@@ -67,6 +67,7 @@ class ReadingTests(ConsoleCast):
         response = self.client.post(LOGIN, {"username": "red-viewer", "password": "pw"})
         self.assertRedirects(response, HOME, fetch_redirect_response=False)
         self.assertContains(self.client.get(HOME), "red")
+        self.client.logout()
         wrong = self.client.post(LOGIN, {"username": "red-viewer", "password": "nope"})
         self.assertEqual(wrong.status_code, 200)
         self.assertContains(wrong, "errornote")
@@ -297,3 +298,19 @@ class BoundsTests(ConsoleCast):
         self.assertFalse(APIKey.objects.filter(name="bounded").exists())
         response = self.client.get(team_url(self.red), {"days": "100000"})
         self.assertEqual(response.context["days"], 30)
+
+
+class LoginTests(ConsoleCast):
+    def test_a_signed_in_user_on_the_login_page_goes_to_their_teams_and_logs_out_by_post(self):
+        self.login("viewer")
+        self.assertRedirects(self.client.get(LOGIN), HOME, fetch_redirect_response=False)
+        self.assertEqual(self.client.get(reverse("console:logout")).status_code, 405)
+        self.assertRedirects(self.client.post(reverse("console:logout")), LOGIN, fetch_redirect_response=False)
+        self.assertEqual(self.client.get(HOME).status_code, 302)
+
+    def test_an_inactive_user_cannot_log_in(self):
+        self.users["member"].is_active = False
+        self.users["member"].save()
+        response = self.client.post(LOGIN, {"username": "red-member", "password": "pw"})
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(self.client.get(HOME).status_code, 302)

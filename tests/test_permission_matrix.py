@@ -122,7 +122,7 @@ def readers(statuses: dict[str, int], **others: int) -> dict[str, int]:
 # Console: anonymous visitors go to the login page; what a user cannot see is 404, what a user
 # can see but not change is 403.
 CONSOLE = [
-    Route("login", "get", console("login"), {}, default=200),
+    Route("login", "get", console("login"), {"anonymous": 200}, default=302),  # signed in: to their teams
     Route("logout", "post", console("logout"), {}, default=302),
     Route("home", "get", console("home"), {"anonymous": 302}, default=200, list_rows=shown("team"),
           rows={**dict.fromkeys(NON_STAFF, RED), "staff": set(), "staff_view": EVERY_TEAM, "superuser": EVERY_TEAM}),

@@ -34,7 +34,7 @@ class LoginView(auth_views.LoginView):
     """Django's login (any active user, staff or not) on the admin's login page."""
 
     template_name = "admin/login.html"
-    redirect_authenticated_user = False
+    redirect_authenticated_user = True  # a signed-in user goes to their teams
     extra_context = {**SITE, "title": "Log in"}
 
     def get_context_data(self, **kwargs):
