@@ -38,9 +38,11 @@ class UsageTests(GatewayTestCase):
         self.assertEqual((ok.prompt_tokens, ok.completion_tokens), (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]))
         self.assertFalse(ok.streamed)
         self.assertEqual((bad.status, bad.error_code, bad.prompt_tokens), (400, "invalid_value", 0))
-        rollup = await UsageDaily.objects.aget(key=self.key, model="m1")
-        self.assertEqual((rollup.requests, rollup.errors), (2, 1))
-        self.assertEqual(rollup.prompt_tokens, ok.prompt_tokens)
+        self.assertTrue(ok.upstream)  # the upstream the router chose; the refused request reached none
+        self.assertEqual((bad.upstream, bad.route, bad.cost, bad.currency), ("", "", None, ""))
+        rollups = [r async for r in UsageDaily.objects.filter(key=self.key, model="m1").order_by("upstream")]
+        self.assertEqual([(r.upstream, r.requests, r.errors) for r in rollups], [("", 1, 1), (ok.upstream, 1, 0)])
+        self.assertEqual(rollups[1].prompt_tokens, ok.prompt_tokens)
         self.assertIsNotNone((await APIKey.objects.aget(pk=self.key.pk)).last_used_at)
 
     async def test_streams_are_recorded_with_their_tokens_and_time_to_first_token(self):
