@@ -97,8 +97,8 @@ class KeyStateFilter(admin.SimpleListFilter):
 @admin.register(APIKey)
 class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
     form = APIKeyForm
-    list_display = ["prefix", "name", "owner", "models", "limits", "created_at", "expires_at", "revoked_at",
-                    "last_used_at", "requests_30d"]
+    list_display = ["prefix", "name", "owner", "team", "models", "limits", "created_at", "expires_at",
+                    "revoked_at", "last_used_at", "requests_30d"]
     list_display_links = ["prefix", "name"]
     list_filter = [KeyStateFilter, "created_at", "last_used_at"]
     search_fields = ["name", "owner", "^prefix"]
@@ -149,6 +149,7 @@ class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
             f"{key.parallel_requests} parallel" if key.parallel_requests is not None else "",
             f"{key.token_budget:,} tok/{key.budget_period}" if key.token_budget is not None else "",
         ]
+            f"{key.money_budget} {key.budget_currency}/{key.budget_period}" if key.money_budget is not None else "",
         return " · ".join(part for part in parts if part) or "none"
 
     @admin.display(description="requests (30 d)", ordering="requests_30d")
