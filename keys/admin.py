@@ -100,7 +100,8 @@ class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = ["prefix", "name", "owner", "team", "models", "limits", "created_at", "expires_at",
                     "revoked_at", "last_used_at", "requests_30d"]
     list_display_links = ["prefix", "name"]
-    list_filter = [KeyStateFilter, "created_at", "last_used_at"]
+    list_filter = [KeyStateFilter, "team", "created_at", "last_used_at"]
+    list_select_related = ["team"]
     search_fields = ["name", "owner", "^prefix"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at", "updated_at"]
     actions = ["revoke", "rotate"]
@@ -148,8 +149,8 @@ class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
             f"{key.tokens_per_minute:,} tok/min" if key.tokens_per_minute is not None else "",
             f"{key.parallel_requests} parallel" if key.parallel_requests is not None else "",
             f"{key.token_budget:,} tok/{key.budget_period}" if key.token_budget is not None else "",
-        ]
             f"{key.money_budget} {key.budget_currency}/{key.budget_period}" if key.money_budget is not None else "",
+        ]
         return " · ".join(part for part in parts if part) or "none"
 
     @admin.display(description="requests (30 d)", ordering="requests_30d")
