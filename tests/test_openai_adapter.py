@@ -481,3 +481,14 @@ class ThroughTheGateway(GatewayTestCase):
         response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES})
         self.assertError(response, 422)
         self.assertEqual(response.json()["error"]["message"], "fake failure 422")
+
+
+def test_usage_sent_inside_the_last_choice_chunk_still_gives_the_client_a_usage_chunk(monkeypatch):
+    stream = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+              b'"delta":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,'
+              b'"total_tokens":4}}\n\ndata: [DONE]\n\n')
+    h = Harness(monkeypatch, FakeOpenAI(raw_stream=stream))
+    chunks = h.run(_stream(h, h.adapter.chat_stream, chat_call(stream=True, stream_options={"include_usage": True})))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 1,
+                                                                    "total_tokens": 4}
+    assert len(chunks) == 2

@@ -49,6 +49,7 @@ class PassThroughStream:
         self.tool_headers = tool_headers
         self.obj = obj  # the chunks' object, for a usage chunk the gateway makes
         self.reported: Usage | None = None  # the upstream's own usage, once it sent one
+        self.usage_sent = False  # a usage chunk (no choices) went to the client
         self.pieces = 0  # text-bearing deltas, for the estimate
         self.last_id: Any = None
         self.created: Any = None
@@ -139,7 +140,8 @@ class PassThroughStream:
             await self.response.aclose()
         if not self.finished:
             raise BadAnswer("The upstream closed the stream before it finished.", log_detail=self.url)
-        if self.include_usage and self.reported is None:
+        if self.include_usage and not self.usage_sent:
+            # none, or only inside a chunk with choices: the client gets OpenAI's usage chunk
             yield self.usage_chunk()
 
     def _chunk(self, event: bytes, data: bytes) -> bytes | None:
@@ -167,7 +169,7 @@ class PassThroughStream:
             if not choices:
                 if not self.include_usage:
                     return None  # the gateway asked for it, the client did not
-                self.finished = True
+                self.finished = self.usage_sent = True
         if choices:
             self.pieces += text_pieces(chunk)
             if not self.finished:
