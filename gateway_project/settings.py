@@ -270,13 +270,13 @@ GATEWAY_BREAKER_COOLDOWN_SECONDS = env_float("GATEWAY_BREAKER_COOLDOWN_SECONDS",
 # row bring an upstream that cools down back without traffic.
 GATEWAY_UPSTREAM_PROBE_SECONDS = env_float("GATEWAY_UPSTREAM_PROBE_SECONDS", 10.0)
 GATEWAY_UPSTREAM_PROBE_PASSES = env_int("GATEWAY_UPSTREAM_PROBE_PASSES", 2)
-
-# The admin's live view (keys/live.py): Redis across processes, in-memory for one process.
 # Prices are read from the database at most this often per process (seconds).
 GATEWAY_PRICE_CACHE_SECONDS = env_float("GATEWAY_PRICE_CACHE_SECONDS", 5.0)
 # A request against a budget reserves this many completion tokens per choice when it names no
 # max_tokens (docs/decisions.md#limits).
 GATEWAY_BUDGET_DEFAULT_MAX_TOKENS = env_int("GATEWAY_BUDGET_DEFAULT_MAX_TOKENS", 4096)
+
+# The admin's live view (keys/live.py): Redis across processes, in-memory for one process.
 if REDIS_URL:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
 else:

@@ -387,7 +387,8 @@ class UsageTests(KeysAPITestCase):
     def counts(self, requests, errors, prompt, completion) -> dict:
         # No model here has a price: all of it is unpriced usage, with no spend (never 0).
         return {"requests": requests, "errors": errors, "prompt_tokens": prompt,
-                "completion_tokens": completion, "total_tokens": prompt + completion}
+                "completion_tokens": completion, "total_tokens": prompt + completion,
+                "spend": {}, "unpriced_requests": requests, "unpriced_tokens": prompt + completion}
 
     def test_a_keys_usage_adds_rollups_and_todays_rows(self):
         response = self.api.get(self.url(self.key, "usage"), {"days": 7})
