@@ -182,8 +182,9 @@ def load_snapshot() -> Snapshot:
     if frozenset(unreadable) != _unreadable_logged:
         _unreadable_logged = frozenset(unreadable)
         if unreadable:
-            logger.error("The API keys of upstreams %s cannot be decrypted with GATEWAY_ENCRYPTION_KEY: they are "
-                         "called without one", ", ".join(sorted(unreadable)))
+            logger.error("The API keys of upstreams %s cannot be decrypted (GATEWAY_ENCRYPTION_KEY is unset, malformed "
+                         "or lacks the key that encrypted them): they are called without one",
+                         ", ".join(sorted(unreadable)))
     return Snapshot.of(specs, models, unreadable_keys=frozenset(unreadable))
 
 
