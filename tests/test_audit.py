@@ -300,6 +300,24 @@ class RESTPathTests(AuditAssertions, GatewayTestCase):
         entry = self.assertOneEntry(self.key, "update", "api", actor=self.staff, key=staff_key, secrets=[plaintext])
         self.assertEqual(entry.actor_label, f"key {staff_key.prefix}… (ops) of staff")
 
+    async def test_under_asgi(self):
+        """Django's ASGI handler, as uvicorn serves the admin and /api/keys/."""
+        from django.test import AsyncClient
+
+        staff_key, plaintext = await sync_to_async(APIKey.objects.create_key)("ops", user=self.staff)
+        await sync_to_async(self.mark)()
+        response = await AsyncClient().post("/api/keys/", {"name": "async"}, content_type="application/json",
+                                            headers={"Authorization": f"Bearer {plaintext}", "X-Request-ID": REQUEST_ID})
+        self.assertEqual(response.status_code, 201, response.content)
+        key = await APIKey.objects.aget(name="async")
+
+        def check():
+            entry = self.assertOneEntry(key, "create", "api", actor=self.staff, key=staff_key,
+                                        secrets=[plaintext, response.json()["key"]])
+            self.assertEqual(entry.request_id, REQUEST_ID)
+
+        await sync_to_async(check)()
+
     def test_the_upstream_api(self):
         self.staff.user_permissions.add(*Permission.objects.filter(content_type__app_label="upstreams"))
         self.mark()
