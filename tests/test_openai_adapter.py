@@ -492,3 +492,17 @@ def test_usage_sent_inside_the_last_choice_chunk_still_gives_the_client_a_usage_
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 1,
                                                                     "total_tokens": 4}
     assert len(chunks) == 2
+
+
+def test_a_fanned_out_stream_left_early_closes_every_upstream_stream(monkeypatch, llama):
+    h = Harness(monkeypatch, llama)
+
+    async def scenario():
+        stream = await h.adapter.chat_stream(chat_call(n=3, stream=True), route())
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first, stream.streams
+
+    first, streams = h.run(scenario())
+    assert orjson.loads(first)["model"] == PUBLIC
+    assert len(streams) == 3 and all(stream.response.is_closed for stream in streams)

@@ -252,8 +252,11 @@ class FanOutStream:
         return orjson.dumps(chunk)
 
     async def aclose(self) -> None:
-        for task in self._tasks or ():
+        tasks = [task for task in self._tasks or () if not task.done()]
+        for task in tasks:
             task.cancel()
+        if tasks:  # each stream is closed once its reader has stopped reading it
+            await asyncio.gather(*tasks, return_exceptions=True)
         for stream in self.streams:
             try:
                 await stream.aclose()
