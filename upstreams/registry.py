@@ -26,6 +26,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError
 
+from gateway_project import state
 from upstreams import crypto
 from upstreams.base import FASTCHAT, Route
 
@@ -279,18 +280,13 @@ def _log_failure(done: asyncio.Future) -> None:
 
 def snapshot() -> Snapshot:
     """The process's registry snapshot (no database read on a request's time; see the docstring)."""
-    from gateway_project import state
-
     return state.get("upstream_registry").snapshot()
 
 
 async def asnapshot() -> Snapshot:
-    from gateway_project import state
-
+    """The same, for a caller in an event loop: only a process's very first read is waited for."""
     return await state.get("upstream_registry").asnapshot()
 
 
 def invalidate() -> None:
-    from gateway_project import state
-
     state.get("upstream_registry").invalidate()
