@@ -148,6 +148,22 @@ class ApplyTests(TestCase):
         self.assertEqual(sorted(UpstreamModel.objects.values_list("public_name", flat=True)), ["found", "m1"])
         self.assertEqual(self.apply(path), ["no changes"])
 
+    def test_discover_after_apply_asks_the_files_discovering_upstreams_and_reports_failures(self):
+        asked = []
+
+        def list_models(upstream, adapter=None):
+            asked.append(upstream.name)
+            if upstream.name == "fastchat":
+                raise ConnectionError("refused")
+            return [DiscoveredModel("found")]
+
+        out = StringIO()
+        with mock.patch("upstreams.discovery.list_models", side_effect=list_models):
+            call_command("upstreams", "apply", str(EXAMPLE), "--discover", stdout=out, stderr=out)
+        self.assertEqual(asked, ["fastchat", "ollama"])  # vllm-a and vllm-b list their models by hand
+        self.assertIn("fastchat: cannot list its models (ConnectionError)", out.getvalue())
+        self.assertIn("discovered model ollama/found", out.getvalue())
+
     def test_dry_run_prints_and_changes_nothing(self):
         lines = self.apply(str(EXAMPLE), "--dry-run")
         self.assertIn("would have created upstream vllm-a", lines)

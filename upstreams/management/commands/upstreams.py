@@ -1,6 +1,7 @@
 """python manage.py upstreams apply|list|test|discover|rotate-key — the registry from the command line.
 
-  apply FILE [--dry-run] [--prune]   make the registry match a YAML/JSON file (upstreams/config.py)
+  apply FILE [--dry-run] [--prune] [--discover]
+                                     make the registry match a YAML/JSON file (upstreams/config.py)
   list                               each upstream: kind, address, enabled, priority, weight, models, health
   test NAME                          probe one upstream now (exit status 1 when it fails)
   discover [NAME ...]                ask upstreams (all with discover_models, or those named) for their models
@@ -26,6 +27,8 @@ class Command(BaseCommand):
         apply.add_argument("--dry-run", action="store_true", help="Print what would change, change nothing.")
         apply.add_argument("--prune", action="store_true",
                            help="Delete upstreams the file does not list (default: disable them).")
+        apply.add_argument("--discover", action="store_true",
+                           help="Then ask the file's enabled upstreams with discover_models for their models.")
         actions.add_parser("list", help="Each upstream's settings and health.")
         test = actions.add_parser("test", help="Probe one upstream now.")
         test.add_argument("name")
@@ -41,12 +44,17 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
 
     def do_apply(self, options) -> None:
-        lines = config.apply(config.read(options["file"]), prune=options["prune"], dry_run=options["dry_run"])
+        data = config.read(options["file"])
+        lines = config.apply(data, prune=options["prune"], dry_run=options["dry_run"])
         prefix = "would have " if options["dry_run"] else ""
         for line in lines:
             self.stdout.write(prefix + line)
         if not lines:
             self.stdout.write("no changes")
+        if options["discover"] and not options["dry_run"]:
+            names = [entry["name"] for entry in data["upstreams"]]
+            self.discover(list(Upstream.objects.filter(name__in=names, enabled=True, discover_models=True)
+                               .order_by("name")), strict=False)
 
     def do_list(self, options) -> None:
         upstreams = list(Upstream.objects.prefetch_related("models").order_by("-priority", "name"))
@@ -79,6 +87,10 @@ class Command(BaseCommand):
             upstreams = [self.find(name) for name in options["names"]]
         else:
             upstreams = list(Upstream.objects.filter(enabled=True, discover_models=True).order_by("name"))
+        self.discover(upstreams, strict=True)
+
+    def discover(self, upstreams: list[Upstream], *, strict: bool) -> None:
+        """Discover each upstream's models; one that cannot answer is reported (an error when strict)."""
         failed = []
         for upstream in upstreams:
             try:
@@ -89,7 +101,7 @@ class Command(BaseCommand):
                 continue
             for line in lines or [f"{upstream.name}: no changes"]:
                 self.stdout.write(line)
-        if failed:
+        if failed and strict:
             raise CommandError(f"discovery failed for {', '.join(failed)}")
 
     def do_rotate_key(self, options) -> None:
