@@ -506,3 +506,11 @@ def test_a_fanned_out_stream_left_early_closes_every_upstream_stream(monkeypatch
     first, streams = h.run(scenario())
     assert orjson.loads(first)["model"] == PUBLIC
     assert len(streams) == 3 and all(stream.response.is_closed for stream in streams)
+
+
+def test_a_server_without_a_model_list_is_generic_and_not_asked_again(monkeypatch):
+    fake = FakeOpenAI(status=404, fail_models=True)
+    h = Harness(monkeypatch, fake)
+    for _ in range(2):
+        assert h.run(h.adapter.deviations()).name == "generic"
+    assert [record.path for record in fake.requests] == ["/v1/models"]

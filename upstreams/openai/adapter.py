@@ -103,6 +103,8 @@ class OpenAIAdapter:
             return known.GENERIC
         try:
             await self._models_answer()
+        except ClientFailure:  # no model list here (404...): nothing to detect, ever
+            self._detected = known.GENERIC
         except UpstreamFailure:
             self._detect_after = time.monotonic() + DETECT_RETRY_SECONDS
             return known.GENERIC
