@@ -514,3 +514,20 @@ def test_a_server_without_a_model_list_is_generic_and_not_asked_again(monkeypatc
     for _ in range(2):
         assert h.run(h.adapter.deviations()).name == "generic"
     assert [record.path for record in fake.requests] == ["/v1/models"]
+
+
+def test_capabilities_and_context_lengths_are_read_where_the_server_tells_them():
+    from upstreams.openai.adapter import context_length, told_capabilities
+
+    generic, llama_cpp = deviations.GENERIC, deviations.LLAMA_CPP
+    assert told_capabilities({"id": "m"}, generic) == frozenset()
+    assert told_capabilities({"id": "m", "capabilities": ["function_calling", "vision", "teleport"]}, generic) == \
+        {"tools", "vision"}
+    assert told_capabilities({"id": "m", "capabilities": {"json_schema": True, "vision": False}}, generic) == \
+        {"json_schema"}
+    assert told_capabilities({"id": "e", "type": "embeddings"}, generic) == {"embeddings"}
+    assert told_capabilities({"id": "m"}, llama_cpp) == {"json_mode", "json_schema"}
+    assert context_length({"id": "m", "max_model_len": 8192}) == 8192  # vLLM
+    assert context_length({"id": "m", "meta": {"n_ctx_train": 4096}}) == 4096  # llama-server
+    assert context_length({"id": "m", "context_length": -1}) is None
+    assert context_length({"id": "m", "max_model_len": True}) is None
