@@ -72,7 +72,9 @@ class Router:
         """`public_model`'s routes that can serve `call` (all of them without a call);
         CapabilityMissing when routes exist but none has what the call needs, ModelUnknown when
         there is none."""
-        snapshot = await self._snapshot()
+        return self._routes(await self._snapshot(), public_model, call)
+
+    def _routes(self, snapshot: Any, public_model: str, call: Any = None) -> Sequence[Route]:
         if snapshot.configured:
             routes = snapshot.routes.get(public_model, ())
         else:
@@ -161,9 +163,10 @@ class Router:
         return self._adapter_for(self._zero_spec())
 
     async def _run(self, call: Any, observer: Observer | None, attempt) -> Any:
-        routes = await self.routes(call.public_model, call)
-        route = routes[0]
-        if route.upstream == registry.ZERO_CONFIG_NAME and not (await self._snapshot()).configured:
+        snapshot = await self._snapshot()
+        routes = self._routes(snapshot, call.public_model, call)
+        if not snapshot.configured:
+            route = routes[0]
             # Zero configuration: one FastChat upstream with nothing to fail over to (its adapter
             # retries another worker through the controller itself). The direct call keeps the
             # FastChat path exactly as fast as before the router.
