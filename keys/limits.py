@@ -36,8 +36,12 @@ from keys.exceptions import LimitExceeded, LimitsUnavailable
 logger = logging.getLogger(__name__)
 
 WINDOW = 60.0
-# A parallel slot older than this is presumed leaked by a dead process (Redis store).
-SLOT_TTL = 6 * 3600
+# Redis store: a parallel slot (or budget reservation) not refreshed for this long is presumed
+# leaked by a dead process and freed; each process refreshes the ones it holds every
+# SLOT_REFRESH seconds in one pipelined call (RedisLimitStore._refresh_leases), so a killed
+# process's slots come back within SLOT_TTL, with no Redis call per request.
+SLOT_TTL = 30
+SLOT_REFRESH = 10.0
 # After Redis failed to answer, requests are refused (or admitted, failing open) at once for
 # this long instead of each waiting for its own timeout.
 OUTAGE_BACKOFF = 1.0
@@ -471,6 +475,8 @@ class RedisLimitStore:
         self._down_until = float("-inf")
         self._queued: deque[tuple[list[str], list]] = deque()
         self._retrier: asyncio.Task | None = None
+        self._held: dict[str, list[str]] = {}  # lease id -> its slot and reservation-time keys
+        self._refresher: asyncio.Task | None = None
         self.dropped_releases = 0
         from redis.exceptions import RedisError
 
@@ -524,14 +530,66 @@ class RedisLimitStore:
         return LimitsUnavailable(f"the limit store did not answer ({type(exc).__name__})", OUTAGE_BACKOFF)
 
     async def acquire(self, limits: Limits, worst: Worst = NOTHING) -> Lease:
+        """Complete-or-release: the script runs in a task of its own, so a caller cancelled (its
+        client gone) does not stop it half-way; a lease it took for a caller that is gone is
+        given back. An acquire whose answer did not come (Redis timed out) may still run when
+        Redis resumes, so its lease id is released too, through the release retrier."""
         if not self.available:
             raise LimitsUnavailable("the limit store did not answer", self._down_until - self.monotonic())
+        lease = Lease(limits, worst=worst)
+        attempt = asyncio.ensure_future(self._acquire(lease))
         try:
-            return await self._acquire(limits, worst)
+            taken = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(lambda done: self._settle_abandoned(done, lease))
+            raise
         except self._failures as exc:
+            self._queue_release(self._release_args(lease, 0, 0))
             raise self._failed(exc) from None
+        self._hold(taken)
+        return taken
 
-    async def _acquire(self, limits: Limits, worst: Worst) -> Lease:
+    def _settle_abandoned(self, attempt: asyncio.Future, lease: Lease) -> None:
+        """An acquire whose caller left: give back whatever it took (see acquire)."""
+        if attempt.cancelled():
+            return
+        exc = attempt.exception()
+        if exc is None:
+            self.release_soon(lease, 0)
+        elif isinstance(exc, self._failures):
+            self._failed(exc)
+            self._queue_release(self._release_args(lease, 0, 0))
+
+    def _hold(self, lease: Lease) -> None:
+        """Count the lease among the ones this process refreshes while it lives (SLOT_TTL)."""
+        keys = self.keys(lease.limits)
+        self._held[lease.id] = [keys[i * 7 + j] for i in range(len(lease.limits.levels)) for j in (2, 6)]
+        loop = asyncio.get_running_loop()
+        if self._refresher is None or self._refresher.done() or self._refresher.get_loop() is not loop:
+            self._refresher = loop.create_task(self._refresh_leases())
+
+    async def _refresh_leases(self) -> None:
+        """Every SLOT_REFRESH s, one pipeline renews the slots and reservations this process holds
+        (ZADD XX: a slot released meanwhile is not brought back)."""
+        while self._held:
+            await asyncio.sleep(SLOT_REFRESH)
+            if not self._held or not self.available:
+                continue
+            now, parallel_keys = int(self.clock() * 1000), set()
+            try:
+                async with self.client().pipeline(transaction=False) as pipe:
+                    for lease_id, keys in list(self._held.items()):
+                        for key in keys:
+                            pipe.zadd(key, {lease_id: now}, xx=True)
+                        parallel_keys.update(keys[0::2])
+                    for key in parallel_keys:
+                        pipe.expire(key, SLOT_TTL)
+                    await pipe.execute()
+            except self._failures as exc:
+                logger.info("The parallel slots held could not be refreshed (%s)", type(exc).__name__)
+
+    async def _acquire(self, lease: Lease) -> Lease:
+        limits, worst = lease.limits, lease.worst
         client, keys, levels = self.client(), self.keys(limits), limits.levels
         for index, level in enumerate(levels):
             spent_keys = keys[index * 7 + 3 : index * 7 + 5]
@@ -539,7 +597,6 @@ class RedisLimitStore:
                 spent = await load_budget(self._load_budget_used, level)
                 await client.set(spent_keys[0], spent.tokens, nx=True, ex=40 * 86400)
                 await client.set(spent_keys[1], spent.nanos, nx=True, ex=40 * 86400)
-        lease = Lease(limits, worst=worst)
         args: list = [int(self.clock() * 1000), lease.id, SLOT_TTL, len(levels)]
         for level in levels:
             args += [-1 if v is None else v for v in (level.requests_per_minute, level.tokens_per_minute,
@@ -565,8 +622,8 @@ class RedisLimitStore:
         if lease.released:
             return
         lease.released = True
-        release = (self.keys(lease.limits),
-                   [lease.id, int(self.clock()), int(tokens), int(nanos), len(lease.limits.levels)])
+        self._held.pop(lease.id, None)
+        release = self._release_args(lease, tokens, nanos)
         if self.available and not self._queued:
             try:
                 await self._send_release(release)
@@ -574,6 +631,10 @@ class RedisLimitStore:
             except self._failures as exc:
                 self._failed(exc)
         self._queue_release(release)
+
+    def _release_args(self, lease: Lease, tokens: int, nanos: int) -> tuple[list[str], list]:
+        return (self.keys(lease.limits),
+                [lease.id, int(self.clock()), int(tokens), int(nanos), len(lease.limits.levels)])
 
     async def _send_release(self, release: tuple[list[str], list]) -> None:
         keys, args = release

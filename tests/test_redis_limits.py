@@ -20,7 +20,8 @@ import httpx
 import pytest
 from django.test import override_settings
 
-from keys.exceptions import LimitExceeded
+from keys import limits as limits_module
+from keys.exceptions import LimitExceeded, LimitsUnavailable
 from keys.limits import Limits, RedisLimitStore, _pending_releases, get_limit_store, reset_limit_store
 from keys.models import APIKey
 from openai_api.auth import key_cache
@@ -454,3 +455,74 @@ class RedisOutageTests(GatewayTestCase):
         self.assertEqual(await store.parallel_in_use(self.key.pk), 0)
         self.fake.chunk_delay = 0
         self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
+
+
+def test_an_acquire_that_timed_out_is_given_back_when_redis_resumes(own_redis):
+    """Redis hung (SIGSTOP): the acquire times out and is refused with 503, but Redis runs its
+    script when it resumes; the store releases that lease id then, so no slot stays taken."""
+    store = RedisLimitStore(own_redis.url, timeout=0.3, prefix=f"t{uuid.uuid4().hex[:8]}")
+    limits = Limits(1, parallel_requests=2)
+
+    async def scenario():
+        await store.parallel_in_use(1)  # the connection is open before Redis stops
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(LimitsUnavailable):
+                await store.acquire(limits)
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while store.queued_releases and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return await store.parallel_in_use(1)
+
+    assert run(store, scenario()) == 0
+
+
+def test_an_acquire_whose_caller_is_cancelled_completes_and_gives_its_slot_back(own_redis):
+    """A client leaving while its lease is being taken: the script still runs (Redis was slow),
+    and the lease it took for nobody is released."""
+    store = RedisLimitStore(own_redis.url, timeout=2.0, prefix=f"t{uuid.uuid4().hex[:8]}")
+    limits = Limits(1, parallel_requests=2)
+
+    async def scenario():
+        await store.parallel_in_use(1)
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            caller = asyncio.ensure_future(store.acquire(limits))
+            await asyncio.sleep(0.2)  # the script is on Redis's socket
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.3)
+        return await store.parallel_in_use(1)
+
+    assert run(store, scenario()) == 0
+
+
+def test_a_dead_processes_slots_expire_and_a_live_ones_are_refreshed(store, monkeypatch):
+    """Each process renews the slots it holds every SLOT_REFRESH s; a slot nobody renewed for
+    SLOT_TTL s (its process was killed) is free again, instead of 6 hours later."""
+    monkeypatch.setattr(limits_module, "SLOT_REFRESH", 0.05)
+    other = RedisLimitStore(store.url, clock=store.clock_, prefix=store.prefix)
+    limits = Limits(1, parallel_requests=1)
+
+    async def scenario():
+        await store.acquire(limits)
+        store.clock_.now += limits_module.SLOT_TTL - 5
+        await asyncio.sleep(0.2)  # refreshed at the new time
+        store.clock_.now += 10  # older than SLOT_TTL since taken, not since refreshed
+        with pytest.raises(LimitExceeded):
+            await other.acquire(limits)
+        store._refresher.cancel()  # the process is killed: nobody refreshes its slot
+        store.clock_.now += limits_module.SLOT_TTL + 1
+        lease = await other.acquire(limits)
+        await other.release(lease, 0)
+        other._refresher.cancel()
+        client = other._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    run(store, scenario())
