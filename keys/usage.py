@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # The writer thread applies the retention a minute after start, then once a day.
 PRUNE_DELAY = 60.0
 PRUNE_INTERVAL = 24 * 3600.0
+# A pruning the database could not take (down) is tried again this soon, not a day later.
+PRUNE_RETRY = 600.0
 # Errors that say the database cannot be reached now, not that a row is wrong: the rows wait.
 UNREACHABLE = (OperationalError, InterfaceError)
 RETRY_MAX_SECONDS = 5.0  # the longest pause between tries while the database is unreachable
@@ -106,12 +108,14 @@ def write_batch(events: list[UsageEvent]) -> None:
     costs = costs_of(events)
     with transaction.atomic():
         insert_records(events, costs)
-        for group, totals in rollup(events, costs).items():
+        # In a fixed order (roll-ups, then keys, sorted): processes flushing at once take the
+        # same rows' locks in the same order, so neither waits for the other in a deadlock.
+        for group, totals in sorted(rollup(events, costs).items()):
             add_to_rollup(group, totals)
         last_used: dict[int, datetime] = {}
         for event in events:
             last_used[event.key_id] = max(last_used.get(event.key_id, event.created_at), event.created_at)
-        for key_id, when in last_used.items():
+        for key_id, when in sorted(last_used.items()):
             APIKey.objects.filter(pk=key_id).update(last_used_at=when)
 
 
@@ -325,8 +329,7 @@ class UsageWriter:
             self._wake.clear()
             self._flush_safely()
             if self.clock() >= next_prune:
-                next_prune = self.clock() + PRUNE_INTERVAL
-                self._prune_safely()
+                next_prune = self.clock() + (PRUNE_INTERVAL if self._prune_safely() else PRUNE_RETRY)
 
     def _flush_safely(self) -> None:
         try:
@@ -348,17 +351,23 @@ class UsageWriter:
                 logger.info("Usage database reachable again after %d failed flush(es)", self._failures)
             self._failures, self._retry_at = 0, 0.0
 
-    def _prune_safely(self) -> None:
+    def _prune_safely(self) -> bool:
         """Apply USAGE_RETENTION_DAYS (0 keeps every row). Every process does it once a day;
-        a second delete of the same old rows finds nothing."""
+        a second delete of the same old rows finds nothing. False when the database was
+        unreachable (an outage, not a bug: a warning, and another try in PRUNE_RETRY s)."""
         if settings.USAGE_RETENTION_DAYS <= 0:
-            return
+            return True
         try:
             deleted = prune(settings.USAGE_RETENTION_DAYS)
             if deleted:
                 logger.info("Pruned %d usage rows older than %d days", deleted, settings.USAGE_RETENTION_DAYS)
+        except UNREACHABLE as exc:
+            logger.warning("Usage pruning: database unreachable (%s); tried again in %.0f s",
+                           type(exc).__name__, PRUNE_RETRY)
+            return False
         except Exception:
             logger.exception("Usage pruning failed; it is tried again in a day")
+        return True
 
 
 usage_writer = UsageWriter(

@@ -38,6 +38,8 @@ class RequestContext:
     # The upstream and the route (upstreams/base.py's Route) the router chose, if any.
     upstream: str = ""
     route: Any = None
+    # A streamed response's closer (streaming.py): runs its end if the server never did.
+    close_stream: Callable[[], Any] | None = None
     finished: bool = False
     on_finish: list[Hook] = field(default_factory=list)
 

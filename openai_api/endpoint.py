@@ -1,6 +1,7 @@
 """The decorator every OpenAI endpoint wears: method check, key, errors as JSON, bookkeeping."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
             ctx = RequestContext(request_id=getattr(request, "request_id", ""), endpoint=request.path)
             request.ctx = ctx
             ctx.on_finish.append(observe)
-            response = None
+            response, finished_later = None, False
             try:
                 if request.method not in methods:
                     raise MethodNotAllowedError(
@@ -52,7 +53,11 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
                         headers={"Allow": ", ".join(methods)},
                     )
                 if authenticated:
-                    ctx.key = await authenticate(request)
+                    try:
+                        ctx.key = await authenticate(request)
+                    except asyncio.CancelledError:
+                        finished_later = finish_after_lookup(request, ctx)
+                        raise
                     ctx.on_finish.append(record_usage)
                 response = await view(request, *args, **kwargs)
             except (OpenAIError, UpstreamFailure) as raised:
@@ -65,7 +70,7 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
                 response = error_response(OpenAIError())
                 ctx.error_code = "internal_error"
             finally:
-                if response is None:  # cancelled: the client went away before the answer
+                if response is None and not finished_later:  # cancelled: the client went away
                     ctx.finish(499, "client_disconnected")
             if ctx.lease is not None:
                 for name, value in ctx.lease.headers.items():
@@ -77,6 +82,29 @@ def api_endpoint(*methods: str, authenticated: bool = True) -> Callable[[View], 
         return csrf_exempt(wrapper)
 
     return decorator
+
+
+_late_lookups: set[asyncio.Task] = set()
+
+
+def finish_after_lookup(request: HttpRequest, ctx: RequestContext) -> bool:
+    """A client that left while its key was being looked up still gets its 499 usage row: the
+    look-up is shared and outlives one caller (openai_api/auth.py), so wait for it (joining it,
+    or served from the cache it filled) and finish the request with the key it found."""
+
+    async def finish() -> None:
+        try:
+            ctx.key = await authenticate(request)
+            ctx.on_finish.append(record_usage)
+        except Exception:  # no key to count the request against (401, 503): its access line only
+            pass
+        finally:
+            ctx.finish(499, "client_disconnected")
+
+    task = asyncio.get_running_loop().create_task(finish())
+    _late_lookups.add(task)
+    task.add_done_callback(_late_lookups.discard)
+    return True
 
 
 def read_json(request: HttpRequest) -> dict[str, Any]:

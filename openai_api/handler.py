@@ -95,6 +95,7 @@ class APIHandler(ASGIHandler):
                 await task
             except (asyncio.CancelledError, RequestAborted):
                 pass
+        await finish_unsent_stream(request)
         # A responder cancelled while the client stayed never sent anything (a cancellation
         # during the send is caught in get_and_send_response): the view was cancelled from
         # inside, a bug. Answer in the API's format rather than leave the server's plain 500.
@@ -110,6 +111,20 @@ class APIHandler(ASGIHandler):
         except asyncio.CancelledError:
             pass  # the client went away while we were sending
         return response
+
+
+async def finish_unsent_stream(request: Any) -> None:
+    """A stream whose response the server never iterated to its end (the responder cancelled
+    before it started sending, or between the view's answer and the send) is closed here, so
+    that its end (usage row, slot release, access line) runs however the response went."""
+    ctx = getattr(request, "ctx", None)
+    if ctx is None or ctx.finished or ctx.close_stream is None:
+        return
+    try:
+        await ctx.close_stream()
+    except Exception:
+        logger.exception("Closing the stream of request %s failed", ctx.request_id)
+    ctx.finish(499, "client_disconnected")  # if its end did not run: no-op otherwise
 
 
 def body_headers(scope: dict) -> tuple[int, bytes]:

@@ -92,8 +92,10 @@ async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIte
         raise
     finally:
         active_streams.discard(active)
-        await stream.aclose()
-        await on_end(status, error_code, upstream_url)
+        try:
+            await stream.aclose()
+        finally:  # even if a cancellation interrupts the close: on_end must run
+            await on_end(status, error_code, upstream_url)
     yield SSE_DONE
 
 
@@ -115,10 +117,15 @@ async def stream_response(stream: Stream, ctx: RequestContext) -> StreamingHttpR
             ctx.add_usage(stream.usage)
         except Exception:
             logger.exception("Usage of stream %s could not be read", ctx.request_id)
-        await asyncio.gather(*(upstream.aclose() for upstream in upstreams), return_exceptions=True)
-        ctx.finish(status, error_code)
+        try:
+            await asyncio.gather(*(upstream.aclose() for upstream in upstreams), return_exceptions=True)
+        finally:  # a client leaving as the stream ends cancels this await: finish all the same
+            ctx.finish(status, error_code)
 
     guarded_events = guarded(stream, on_end, upstreams)
+    # The server may never iterate the response (its task cancelled before or as it starts
+    # sending): the API handler then closes the stream through this (handler.py).
+    ctx.close_stream = guarded_events.aclose
     ctx.mark_first_token()
     first = await anext(guarded_events)
 
