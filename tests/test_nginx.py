@@ -46,12 +46,13 @@ def render_site(tmp: Path, listen: int, upstream_ports: list[int], tls_listen: i
     port if not given), with a self-signed certificate."""
     tmp.mkdir(parents=True, exist_ok=True)
     cert, key = self_signed_certificate(tmp)
+    sockets = socket_directory()
     values = {
         "{{listen}}": f"127.0.0.1:{listen}", "{{tls_listen}}": f"127.0.0.1:{tls_listen or free_port()}",
         "{{upstream_servers}}": " ".join(f"server 127.0.0.1:{port};" for port in upstream_ports),
         "{{static_root}}": str(tmp / "static"), "{{log_dir}}": str(tmp), "{{locations}}": str(tmp / "locations.conf"),
         "{{tls_certificate}}": str(cert), "{{tls_certificate_key}}": str(key),
-        "{{unauthorized_socket}}": str(socket_directory() / "401.sock"),
+        "{{unauthorized_socket}}": str(sockets / "401.sock"), "{{unavailable_socket}}": str(sockets / "503.sock"),
     }
     for source, target in (("gateway.conf", "site.conf"), ("gateway-locations.conf", "locations.conf")):
         text = (REPO_ROOT / "deploy/nginx" / source).read_text()
@@ -227,3 +228,35 @@ def test_answers_401_are_rate_limited_and_valid_keys_are_not(stack):
     assert unauthorized.headers["x-request-id"]
     # Clients with a valid key are never counted.
     assert [chat(stack, key).status_code for _ in range(5)] == [200] * 5
+
+
+def test_the_gateways_own_502_passes_through_with_its_json(stack):
+    """nginx answers its own upstream failures with JSON (the backup server), but the gateway's
+    502 for a failing worker reaches the client as the gateway wrote it, request id and all."""
+    key = stack["gateways"][0].create_key("worker-500")
+    httpx.post(stack["worker"] + "/_fake/config", json={"http_status": 500}).raise_for_status()
+    try:
+        response = chat(stack, key)
+    finally:
+        httpx.post(stack["worker"] + "/_fake/reset").raise_for_status()
+    assert response.status_code == 502
+    assert response.json()["code"] == 50001
+    assert response.json()["error"]["code"] != "gateway_unavailable"
+
+
+def test_every_process_down_is_a_json_503_not_nginx_html(tmp_path):
+    nginx_port, dead_ports = free_port(), [free_port(), free_port()]
+    conf = render_nginx(tmp_path, nginx_port, dead_ports)
+    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(nginx_port, timeout=10)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+        response = httpx.post(f"http://127.0.0.1:{nginx_port}/v1/chat/completions", json=body, timeout=10,
+                              headers={"Authorization": "Bearer sk-anything"})
+    finally:
+        stop_process(nginx)
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "gateway_unavailable"
+    assert response.headers["retry-after"] == "1"
