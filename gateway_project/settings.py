@@ -106,7 +106,7 @@ SERVE_WITH_RUNSERVER = sys.argv[1:2] == ["runserver"]
 
 INSTALLED_APPS = [
     *(["daphne"] if SERVE_WITH_RUNSERVER else []),
-    "django.contrib.admin",
+    "keys.admin_site.GatewayAdminConfig",  # django.contrib.admin with the gateway's site (keys/admin_site.py)
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -117,6 +117,9 @@ INSTALLED_APPS = [
     "openai_api",
     "keys",
     "upstreams",
+    "axes",  # lock-out after failed logins (keys/login.py)
+    "django_otp",
+    "django_otp.plugins.otp_totp",
 ]
 
 # The admin and the key-management API get Django's full stack.
@@ -128,10 +131,12 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",  # request.user.is_verified() for the admin's second factor
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Who changed what from where (keys/audit/): not on the OpenAI API path below.
     "keys.audit.middleware.audit_scope",
+    "axes.middleware.AxesMiddleware",  # turns a locked-out login into keys/login.py's 429 page
 ]
 # The OpenAI API path gets only async middleware: each sync middleware costs a thread hop
 # per request (docs/decisions.md#performance). See gateway_project/asgi.py.
@@ -155,6 +160,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "keys.admin_site.login_options",  # single sign-on link, token field
             ],
         },
     },
@@ -308,6 +314,44 @@ LOGGING = {
     # httpx logs every upstream request at INFO: noise, and work on the hot path.
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
+
+# Logging in (keys/login.py, keys/oidc.py; README "Logging in").
+# Lock-out: this many failed logins of one user from one client address lock that pair out for
+# the cool-off (hours). The address is the peer's: behind nginx, uvicorn has already put the
+# forwarded client there, and a direct caller's own X-Forwarded-For is never read.
+AXES_FAILURE_LIMIT = env_int("GATEWAY_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = env_float("GATEWAY_LOGIN_COOLOFF_HOURS", 0.25)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_CLIENT_IP_CALLABLE = "keys.login.client_ip"
+AXES_LOCKOUT_CALLABLE = "keys.login.locked_out"
+AXES_RESET_ON_SUCCESS = True
+AXES_SENSITIVE_PARAMETERS = ["password", "otp_token"]
+# Staff must enter a TOTP token from a confirmed device to use the admin (`manage.py totp_device`).
+GATEWAY_ADMIN_OTP = env_bool("GATEWAY_ADMIN_OTP")
+OTP_TOTP_ISSUER = "FastChat gateway"
+# OpenID Connect single sign-on, on when OIDC_RP_CLIENT_ID is set; the local login stays.
+OIDC_RP_CLIENT_ID = env_str("OIDC_RP_CLIENT_ID")
+OIDC_RP_CLIENT_SECRET = env_secret("OIDC_RP_CLIENT_SECRET")
+OIDC_RP_SIGN_ALGO = env_str("OIDC_RP_SIGN_ALGO", "RS256")
+OIDC_RP_SCOPES = env_str("OIDC_RP_SCOPES", "openid email profile")
+OIDC_OP_AUTHORIZATION_ENDPOINT = env_str("OIDC_OP_AUTHORIZATION_ENDPOINT")
+OIDC_OP_TOKEN_ENDPOINT = env_str("OIDC_OP_TOKEN_ENDPOINT")
+OIDC_OP_USER_ENDPOINT = env_str("OIDC_OP_USER_ENDPOINT")
+OIDC_OP_JWKS_ENDPOINT = env_str("OIDC_OP_JWKS_ENDPOINT")
+OIDC_OP_LOGOUT_ENDPOINT = env_str("OIDC_OP_LOGOUT_ENDPOINT")
+# The claim listing the user's groups, and which group gives which team role:
+# "group=team:role,..." or a JSON object {"group": "team:role"} (keys/oidc.py).
+GATEWAY_OIDC_TEAMS_CLAIM = env_str("GATEWAY_OIDC_TEAMS_CLAIM", "groups")
+GATEWAY_OIDC_TEAM_ROLES = env_str("GATEWAY_OIDC_TEAM_ROLES")
+# Groups whose members become staff (empty: SSO never grants staff; staff is given in the admin).
+GATEWAY_OIDC_STAFF_GROUPS = env_list("GATEWAY_OIDC_STAFF_GROUPS", [])
+LOGIN_REDIRECT_URL = "/console/"
+LOGIN_REDIRECT_URL_FAILURE = "/console/login/"
+AUTHENTICATION_BACKENDS = [
+    "keys.login.LockoutBackend",  # first: refuses a locked-out user before any password check
+    "django.contrib.auth.backends.ModelBackend",
+    *(["keys.oidc.TeamRoleOIDCBackend"] if OIDC_RP_CLIENT_ID else []),
+]
 
 # Usage recording (keys/usage.py)
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 0.5)

@@ -7,6 +7,7 @@ urlpatterns = [
     path("", include("openai_api.urls")),
     path("admin/", admin.site.urls),
     path("console/", include("keys.console.urls")),
+    path("oidc/", include("keys.oidc_urls")),  # single sign-on, when configured (keys/oidc.py)
 ]
 
 handler404 = "openai_api.views.not_found"

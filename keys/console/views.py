@@ -33,7 +33,7 @@ LOGIN_URL = "console:login"
 class LoginView(auth_views.LoginView):
     """Django's login (any active user, staff or not) on the admin's login page."""
 
-    template_name = "admin/login.html"
+    template_name = "admin/gateway_login.html"  # the admin's, with single sign-on when on
     redirect_authenticated_user = True  # a signed-in user goes to their teams
     extra_context = {**SITE, "title": "Log in"}
 

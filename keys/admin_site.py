@@ -1,0 +1,51 @@
+"""The admin says what it is: the gateway's AdminSite, installed as Django's default site
+(settings.INSTALLED_APPS names GatewayAdminConfig instead of django.contrib.admin).
+
+Its index links the dashboard, the live view and upstream health; its login page offers
+single sign-on when it is configured (keys/oidc.py) beside the local login, and asks staff for
+a TOTP token when GATEWAY_ADMIN_OTP is on (django-otp; devices: `manage.py totp_device`).
+"""
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.admin.apps import AdminConfig
+
+SITE_HEADER = "FastChat gateway"
+
+
+def otp_required() -> bool:
+    return settings.GATEWAY_ADMIN_OTP
+
+
+class GatewayAdminSite(admin.AdminSite):
+    site_header = SITE_HEADER
+    site_title = SITE_HEADER
+    index_title = "Administration"
+    index_template = "admin/gateway_index.html"
+    login_template = "admin/gateway_login.html"
+
+    def has_permission(self, request) -> bool:
+        """Staff, and with the second factor on, verified by a TOTP token in this session."""
+        if not super().has_permission(request):
+            return False
+        return not otp_required() or request.user.is_verified()
+
+    def login(self, request, extra_context=None):
+        if otp_required():
+            from django_otp.admin import OTPAdminAuthenticationForm  # needs the apps loaded
+
+            self.login_form = OTPAdminAuthenticationForm
+        else:
+            self.login_form = None
+        return super().login(request, extra_context)
+
+
+
+def login_options(request) -> dict:
+    """Context processor: what the login pages (the admin's and the console's) offer."""
+    return {"sso_enabled": bool(settings.OIDC_RP_CLIENT_ID), "otp_required": otp_required()}
+
+
+class GatewayAdminConfig(AdminConfig):
+    default_site = "keys.admin_site.GatewayAdminSite"
