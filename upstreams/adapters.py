@@ -34,5 +34,7 @@ def adapter_for(spec: Any) -> Adapter:
 
 
 def reset_adapters() -> None:
-    """Forget every adapter and its caches (tests, settings changes): rebuilt on next use."""
+    """Forget every adapter and its caches, and the router that found them (tests, settings
+    changes): rebuilt from the settings on next use."""
     state.forget("adapters")
+    state.forget("upstream_router")

@@ -147,6 +147,7 @@ class ChoiceStream:
         self._generations = generations
         self._streams = streams
         self._chunks = self._run()
+        self._closed = False
 
     @property
     def usage(self) -> Usage:
@@ -159,6 +160,9 @@ class ChoiceStream:
     async def aclose(self) -> None:
         """Stop: the worker streams are closed, which stops their generations. While the chunks
         are being read (a shutdown interrupting the stream), the reader gets the failure."""
+        if self._closed:
+            return
+        self._closed = True
         if not self._chunks.ag_running:
             await self._chunks.aclose()
         await close_all(self._streams)
