@@ -11,6 +11,7 @@ Without REDIS_URL the tables live in the process. See docs/routing.md#shared-sta
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
@@ -93,6 +94,7 @@ class RedisTables:
         self._writes: deque[tuple[str, str, dict | None]] = deque(maxlen=MAX_QUEUED_WRITES)
         self._local = MemoryTables()  # claims while Redis is down
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._down = False
@@ -100,6 +102,13 @@ class RedisTables:
         self.refresh_now()  # a process shows the shared state from its start
         self._thread = threading.Thread(target=self._run, name="upstream-state", daemon=True)
         self._thread.start()
+        atexit.register(self.flush_at_exit)  # a command's probe result must reach Redis
+
+    def flush_at_exit(self) -> None:
+        try:
+            self._flush()
+        except self._failures:
+            pass
 
     def key(self, table: str) -> str:
         return f"{self.prefix}:upstreams:{table}"
@@ -165,6 +174,10 @@ class RedisTables:
         self._down = True
 
     def _flush(self) -> None:
+        with self._flush_lock:  # the thread, and a process's exit
+            self._flush_queued()
+
+    def _flush_queued(self) -> None:
         while self._writes:
             table, name, value = self._writes[0]
             if table == "claim":
