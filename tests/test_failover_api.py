@@ -5,6 +5,7 @@ credentials marks, cooldowns, /v1/models and /health/ready's upstream details.""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
@@ -36,8 +37,11 @@ class FailoverThroughTheAPITests(GatewayTestCase):
         self.a = FakeOpenAI(base_url="http://a.test/v1", models=["served-a"], words=["from", " a"])
         self.b = FakeOpenAI(base_url="http://b.test/v1", models=["served-b"], words=["from", " b"])
         fakes = {"a.test": self.a, "b.test": self.b}
+        self.refused: set[str] = set()
 
         async def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.host in self.refused:
+                raise httpx.ConnectError("Connection refused", request=request)
             return await fakes[request.url.host].handle(request)
 
         state.reset(transport=httpx.MockTransport(handle))
@@ -69,6 +73,23 @@ class FailoverThroughTheAPITests(GatewayTestCase):
                     self.assertEqual(text, "from b")
                 else:
                     self.assertEqual(response.json()["choices"][0]["message"]["content"], "from b")
+
+    async def test_a_refused_connection_fails_over(self):
+        self.refused.add("a.test")
+        for stream in (False, True):
+            response = await self.post(CHAT, {**BODY, "stream": stream})
+            self.assertEqual(response.status_code, 200)
+        self.assertEqual(self.calls(self.b), 2)
+
+    async def test_no_first_byte_in_time_fails_over(self):
+        await Upstream.objects.filter(name="a").aupdate(first_byte_timeout=0.2)
+        registry.invalidate()
+        self.a.first_delay = 2.0
+        started = time.monotonic()
+        response = await self.post(CHAT, {**BODY, "stream": True})
+        self.assertEqual(response.status_code, 200)
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertEqual(self.calls(self.b), 1)
 
     async def test_a_client_error_is_passed_on_and_never_retried(self):
         self.a.status = 422
