@@ -1,18 +1,35 @@
 """The OpenAI API's routes. Also the whole URLconf of the API handler (settings.API_URLCONF),
 so a process that serves only the API never imports the admin's or DRF's views."""
-from django.urls import path
+from django.urls import path, register_converter
 
 from openai_api import openapi, views
 from openai_api.observability import metrics_view
 
+
+class AnyTextConverter:
+    """Any non-empty text, newlines included (`path` stops at one): a model id the URL
+    resolver cannot match would get its 404 without a key check, an access line or a usage
+    row; this way the view answers it, as every other unknown model."""
+
+    regex = r"[\s\S]+"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
+register_converter(AnyTextConverter, "anytext")
+
 urlpatterns = [
     path("v1/openapi.json", openapi.openapi_json),
     path("v1/models", views.models),
-    path("v1/models/<path:model_id>", views.model_detail),
+    path("v1/models/<anytext:model_id>", views.model_detail),
     path("v1/chat/completions", views.chat_completions),
     path("v1/completions", views.completions_view),
     path("v1/embeddings", views.embeddings),
-    path("v1/engines/<path:model_name>/embeddings", views.embeddings),
+    path("v1/engines/<anytext:model_name>/embeddings", views.embeddings),
     path("api/v1/token_check", views.token_check),
     path("api/v1/chat/completions", views.fastchat_chat_completions),
     path("health", views.health),

@@ -127,3 +127,13 @@ class UsageWriterTests(GatewayTestCase):
         self.assertLess(usage.PRUNE_RETRY, usage.PRUNE_INTERVAL / 24)
         with self.settings(USAGE_RETENTION_DAYS=7):
             self.assertTrue(usage_writer._prune_safely())
+
+
+class ModelIdTests(GatewayTestCase):
+    async def test_a_model_id_with_a_newline_is_answered_by_the_api_with_a_usage_row(self):
+        response = await self.get("/v1/models/a%0Ab")
+        self.assertEqual(response.status_code, 404)
+        self.assertEqual(response.json()["error"]["code"], "model_not_found")
+        await flush()
+        rows = [row async for row in UsageRecord.objects.filter(key=self.key)]
+        self.assertEqual([(r.status, r.endpoint) for r in rows], [(404, "/v1/models/a\nb")])
