@@ -198,6 +198,8 @@ class APIKeyAdmin(AuditHistoryMixin, admin.ModelAdmin):
         return self.rotate_keys(request, keys)
 
     def rotate_view(self, request, object_id: str):
+        if not self.has_change_permission(request):  # before the look-up, as Django's change view
+            raise PermissionDenied
         key = self.get_object(request, unquote(object_id))
         if key is None:
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)

@@ -192,11 +192,10 @@ ADMIN_EXTRA = [
     Route("index", "get", lambda cast: reverse("admin:index"), {**ADMIN_DENIED}, default=200),
     Route("app_list", "get", lambda cast: reverse("admin:app_list", args=["keys"]),
           {**ADMIN_DENIED, "staff": 404}, default=200),
-    # A key the user cannot see is absent: the admin's "does not exist" redirect to its index.
     Route("keys_apikey_rotate", "get", lambda cast: reverse("admin:keys_apikey_rotate", args=[cast.red_key.pk]),
-          {**ADMIN_DENIED, "staff": 302, "staff_view": 403}, default=200),
+          {**ADMIN_DENIED, "staff": 403, "staff_view": 403}, default=200),
     Route("keys_apikey_rotate", "post", lambda cast: reverse("admin:keys_apikey_rotate", args=[cast.red_key.pk]),
-          {**ADMIN_DENIED, "staff": 302, "staff_view": 403}, default=200, data=lambda cast: {"confirm": "yes"}),
+          {**ADMIN_DENIED, "staff": 403, "staff_view": 403}, default=200, data=lambda cast: {"confirm": "yes"}),
     Route("keys_usage_dashboard", "get", lambda cast: reverse("admin:keys_usage_dashboard"),
           {**ADMIN_DENIED, "staff": 403}, default=200),
     Route("keys_usage_live", "get", lambda cast: reverse("admin:keys_usage_live"),
