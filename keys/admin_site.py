@@ -18,6 +18,22 @@ def otp_required() -> bool:
     return settings.GATEWAY_ADMIN_OTP
 
 
+def otp_login_form():
+    """The admin's login form with a token field: a user with one device need not choose it."""
+    from django_otp import devices_for_user
+    from django_otp.admin import OTPAdminAuthenticationForm  # needs the apps loaded
+
+    class TokenLoginForm(OTPAdminAuthenticationForm):
+        def _chosen_device(self, user):
+            device = super()._chosen_device(user)
+            if device is None:
+                devices = list(devices_for_user(user, confirmed=True))
+                device = devices[0] if len(devices) == 1 else None
+            return device
+
+    return TokenLoginForm
+
+
 class GatewayAdminSite(admin.AdminSite):
     site_header = SITE_HEADER
     site_title = SITE_HEADER
@@ -33,9 +49,7 @@ class GatewayAdminSite(admin.AdminSite):
 
     def login(self, request, extra_context=None):
         if otp_required():
-            from django_otp.admin import OTPAdminAuthenticationForm  # needs the apps loaded
-
-            self.login_form = OTPAdminAuthenticationForm
+            self.login_form = otp_login_form()
         else:
             self.login_form = None
         return super().login(request, extra_context)

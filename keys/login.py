@@ -14,8 +14,8 @@ import math
 
 from axes.backends import AxesStandaloneBackend
 from axes.helpers import get_cool_off
-from django.http import HttpRequest
-from django.template.response import TemplateResponse
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
 
 from keys.admin_site import SITE_HEADER
 
@@ -43,11 +43,12 @@ def client_ip(request: HttpRequest) -> str:
         return "unknown"
 
 
-def locked_out(request: HttpRequest, original_response=None, credentials=None) -> TemplateResponse:
+def locked_out(request: HttpRequest, original_response=None, credentials=None) -> HttpResponse:
     """429 with a page that says why and for how long, and Retry-After in seconds."""
     cool_off = get_cool_off(request)
     seconds = math.ceil(cool_off.total_seconds()) if cool_off else None
-    response = TemplateResponse(request, "admin/locked_out.html", {
+    # Rendered here: Axes' middleware hands the answer back after the view, past template rendering.
+    response = render(request, "admin/locked_out.html", {
         "site_header": SITE_HEADER, "site_title": SITE_HEADER, "title": "Too many failed logins",
         "minutes": math.ceil(seconds / 60) if seconds else None,
     }, status=LOCKED_OUT_STATUS)
