@@ -531,3 +531,19 @@ def test_capabilities_and_context_lengths_are_read_where_the_server_tells_them()
     assert context_length({"id": "m", "meta": {"n_ctx_train": 4096}}) == 4096  # llama-server
     assert context_length({"id": "m", "context_length": -1}) is None
     assert context_length({"id": "m", "max_model_len": True}) is None
+
+
+def test_an_upstream_echoing_the_gateways_key_or_its_own_address_is_never_passed_on(monkeypatch):
+    key = "sk-upstream-very-secret-1234"
+    echo = json.dumps({"error": {"message": f"Incorrect API key provided: {key} at {OPENAI_UPSTREAM}/x"}}).encode()
+    h = Harness(monkeypatch, FakeOpenAI(status=400, error_body=echo), api_key=key)
+    with pytest.raises(ClientFailure) as caught:
+        h.run(h.adapter.chat(chat_call(), route()))
+    for text in (caught.value.message, caught.value.log_detail):
+        assert key not in text
+    assert "openai.test" not in caught.value.message and "[redacted]" in caught.value.message
+    event = ('data: {"error": {"message": "bad key ' + key + '"}}\n\n').encode()
+    h = Harness(monkeypatch, FakeOpenAI(raw_stream=event), api_key=key)
+    with pytest.raises(ServerFailure) as caught:
+        h.run(h.adapter.chat_stream(chat_call(stream=True), route()))
+    assert key not in caught.value.message and key not in caught.value.log_detail

@@ -28,7 +28,7 @@ from upstreams.errors import BadAnswer, ClientFailure, CredentialsRejected, Upst
 from upstreams.openai import deviations as known
 from upstreams.openai.chunks import ToolCallHeaders, answer_text_chars, estimated_prompt_tokens, estimated_tokens
 from upstreams.openai.deviations import Deviations
-from upstreams.openai.failures import status_failure, transport_failure
+from upstreams.openai.failures import hidden_in_messages, status_failure, transport_failure
 from upstreams.openai.rewrite import json_string
 from upstreams.openai.stream import FanOutStream, PassThroughStream
 from upstreams.transport import get_transport
@@ -81,7 +81,10 @@ class OpenAIAdapter:
         self.probe_timeouts = {"connect": connect, "read": first_byte, "write": first_byte, "pool": connect}
         headers = [(b"content-type", b"application/json"), (b"accept", b"application/json, text/event-stream"),
                    (b"user-agent", USER_AGENT)]
-        headers += [(name.lower().encode(), value.encode()) for name, value in spec_headers(spec).items()]
+        sent = spec_headers(spec)
+        headers += [(name.lower().encode(), value.encode()) for name, value in sent.items()]
+        authorization = sent.get("Authorization", "")
+        self.hidden = hidden_in_messages(self.base_url, authorization.removeprefix("Bearer ") or None)
         self.headers = headers
         self.get_headers = [header for header in headers if header[0] != b"content-type"]
         self.flavor = known.named(getattr(spec, "flavor", None))
@@ -153,7 +156,7 @@ class OpenAIAdapter:
         except httpx.HTTPError as exc:
             raise transport_failure(exc, url) from exc
         if response.status_code != 200:
-            raise status_failure(response.status_code, body, response.headers, known.GENERIC, self.base_url, url)
+            raise status_failure(response.status_code, body, response.headers, known.GENERIC, self.hidden, url)
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -263,7 +266,7 @@ class OpenAIAdapter:
             response, url=str(url), public_model=call.public_model, model_json=json_string(call.public_model),
             include_usage=include_usage, prompt_estimate=estimated_prompt_tokens(body), deadline=deadline,
             max_bytes=self.max_bytes, idle_timeout=self.idle_timeout, tool_headers=tool_headers,
-            obj=CHUNK_OBJECTS[call.endpoint],
+            obj=CHUNK_OBJECTS[call.endpoint], hidden=self.hidden,
         )
         remaining = self.first_byte_timeout - (time.monotonic() - started)
         return await stream.prime(max(remaining, 0.001))
@@ -298,7 +301,7 @@ class OpenAIAdapter:
             raise transport_failure(exc, str(url)) from exc
         if response.status_code != 200:
             error_body = await self._read(response, str(url), MAX_ERROR_BYTES, truncate=True)
-            raise status_failure(response.status_code, error_body, response.headers, deviations, self.base_url,
+            raise status_failure(response.status_code, error_body, response.headers, deviations, self.hidden,
                                  str(url))
         return response
 

@@ -61,10 +61,23 @@ def upstream_message(body: bytes) -> tuple[str, str | None]:
     return message[:MAX_MESSAGE_CHARS], (param[:64] if param else None)
 
 
-def scrubbed(message: str, base_url: str) -> str:
-    """`message` without the upstream's address (an upstream may echo its own URL)."""
-    if base_url and base_url in message:
-        message = message.replace(base_url, "the upstream")
+Hidden = tuple[tuple[str, str], ...]  # (text, what replaces it): the address, the API key
+
+
+def hidden_in_messages(base_url: str, api_key: str | None) -> Hidden:
+    """What an upstream's message may echo that a client must never see: its address and the
+    gateway's key for it (servers echo a refused key, some in full)."""
+    hidden = [(base_url, "the upstream")] if base_url else []
+    if api_key and len(api_key) >= 4:
+        hidden.append((api_key, "[redacted]"))
+    return tuple(hidden)
+
+
+def scrubbed(message: str, hidden: Hidden) -> str:
+    """`message` without what `hidden` names."""
+    for text, replacement in hidden:
+        if text in message:
+            message = message.replace(text, replacement)
     return message
 
 
@@ -90,9 +103,9 @@ def retry_after(headers: httpx.Headers) -> float | None:
 
 
 def status_failure(status: int, body: bytes, headers: httpx.Headers, deviations: Deviations,
-                   base_url: str, url: str) -> UpstreamFailure:
+                   hidden: Hidden, url: str) -> UpstreamFailure:
     message, param = upstream_message(body)
-    message = scrubbed(message, base_url)
+    message = scrubbed(message, hidden)
     detail = f"{url} answered HTTP {status}: {message[:300]}"
     if status in (401, 403):
         return CredentialsRejected(log_detail=detail)

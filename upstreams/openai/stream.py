@@ -22,7 +22,7 @@ import orjson
 from upstreams.base import Route
 from upstreams.errors import BadAnswer, ServerFailure, UpstreamFailure, UpstreamTimeout
 from upstreams.openai.chunks import ToolCallHeaders, text_pieces
-from upstreams.openai.failures import transport_failure, upstream_message
+from upstreams.openai.failures import Hidden, scrubbed, transport_failure, upstream_message
 from upstreams.openai.rewrite import with_model
 from upstreams.openai.sse import EventTooLarge, SSEParser
 from upstreams.usage import Usage
@@ -35,7 +35,8 @@ class PassThroughStream:
 
     def __init__(self, response: httpx.Response, *, url: str, public_model: str, model_json: bytes,
                  include_usage: bool, prompt_estimate: int, deadline: float, max_bytes: int,
-                 idle_timeout: float | None, tool_headers: ToolCallHeaders | None, obj: str):
+                 idle_timeout: float | None, tool_headers: ToolCallHeaders | None, obj: str,
+                 hidden: Hidden = ()):
         self.route: Route | None = None
         self.response = response
         self.url = url
@@ -48,6 +49,7 @@ class PassThroughStream:
         self.idle_timeout = idle_timeout  # only when shorter than the transport's read timeout
         self.tool_headers = tool_headers
         self.obj = obj  # the chunks' object, for a usage chunk the gateway makes
+        self.hidden = hidden  # what an error event may echo that the client must not see
         self.reported: Usage | None = None  # the upstream's own usage, once it sent one
         self.usage_sent = False  # a usage chunk (no choices) went to the client
         self.pieces = 0  # text-bearing deltas, for the estimate
@@ -153,7 +155,7 @@ class PassThroughStream:
         if not isinstance(chunk, dict):
             raise BadAnswer("The upstream sent an invalid stream chunk.", log_detail=self.url)
         if event == b"error" or ("error" in chunk and "choices" not in chunk):
-            message, _ = upstream_message(data)
+            message = scrubbed(upstream_message(data)[0], self.hidden)
             raise ServerFailure(f"The upstream failed: {message[:300]}" if message else None,
                                 retryable=not self.started, log_detail=self.url)
         self.last_id = chunk.get("id", self.last_id)
