@@ -165,3 +165,21 @@ def test_interval_zero_never_probes(interval):
 
     asyncio.run(main())
     assert adapter.calls == 0 and h._task is None
+
+
+def test_redis_failed_probes_count_across_processes(redis_url):  # noqa: F811
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    one = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
+    two = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
+    try:
+        h1 = health({"a": FakeAdapter([REFUSED])}, one, failures=3)
+        h2 = health({"a": FakeAdapter([REFUSED])}, two, failures=3)
+        for prober, other in ((h1, two), (h2, one), (h1, two)):  # the lease moves between processes
+            asyncio.run(prober.probe_now("a"))
+            other.refresh_now()
+        assert h1.state_of("a").state == COOLING_DOWN
+        two.refresh_now()
+        assert h2.state_of("a").state == COOLING_DOWN
+    finally:
+        one.stop()
+        two.stop()

@@ -138,10 +138,13 @@ class Health:
     def record(self, name: str, probe: Probe) -> None:
         """Apply one probe's result: share it, and move the breaker."""
         previous = self.tables.get(PROBES, name) or {}
+        # Counted in the shared record: the probes of one upstream run in whichever process
+        # took the interval's lease.
         passes = (previous.get("passes", 0) + 1) if probe.ok else 0
+        fails = 0 if probe.ok else previous.get("fails", 0) + 1
         self.tables.set(PROBES, name, {
             "ok": probe.ok, "latency_ms": round(probe.latency_ms, 1), "failure": probe.failure,
-            "message": (probe.message or "")[:300], "at": self.clock(), "passes": passes,
+            "message": (probe.message or "")[:300], "at": self.clock(), "passes": passes, "fails": fails,
         })
         breaker = self.breakers.state(name)
         if probe.ok:
@@ -152,8 +155,8 @@ class Health:
             if breaker != REJECTED:
                 logger.warning("Upstream %s rejected the gateway's credentials: out of rotation", name)
             self.breakers.reject(name, probe.message or "credentials rejected")
-        else:
-            self.breakers.failed(name, probe.failure or "unreachable", probe.message or "probe failed")
+        elif breaker == CLOSED and fails >= self.breakers.policy.failures:
+            self.breakers.open(name, probe.message or "probes failed")
         metrics.state(name, self.state_of(name).state)
 
     async def probe_now(self, name: str) -> HealthState:
