@@ -338,7 +338,7 @@ OIDC_OP_AUTHORIZATION_ENDPOINT = env_str("OIDC_OP_AUTHORIZATION_ENDPOINT")
 OIDC_OP_TOKEN_ENDPOINT = env_str("OIDC_OP_TOKEN_ENDPOINT")
 OIDC_OP_USER_ENDPOINT = env_str("OIDC_OP_USER_ENDPOINT")
 OIDC_OP_JWKS_ENDPOINT = env_str("OIDC_OP_JWKS_ENDPOINT")
-OIDC_OP_LOGOUT_ENDPOINT = env_str("OIDC_OP_LOGOUT_ENDPOINT")
+OIDC_TIMEOUT = env_float("OIDC_TIMEOUT", 10)  # seconds for each call to the provider
 # The claim listing the user's groups, and which group gives which team role:
 # "group=team:role,..." or a JSON object {"group": "team:role"} (keys/oidc.py).
 GATEWAY_OIDC_TEAMS_CLAIM = env_str("GATEWAY_OIDC_TEAMS_CLAIM", "groups")

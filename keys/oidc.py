@@ -94,6 +94,21 @@ def sync_memberships(user, claims: dict) -> None:
 class TeamRoleOIDCBackend(OIDCAuthenticationBackend):
     """Creates or updates the SSO user and its team memberships from the claims."""
 
+    def verify_token(self, token, **kwargs):
+        """The library checks signature, expiry and nonce; the audience is checked here too: an
+        ID token the provider issued to another client is refused."""
+        payload = super().verify_token(token, **kwargs)
+        audience = payload.get("aud")
+        if self.OIDC_RP_CLIENT_ID not in (audience if isinstance(audience, list) else [audience]):
+            raise SuspiciousOperation("ID token for another client")
+        return payload
+
+    def get_userinfo(self, access_token, id_token, payload):
+        claims = super().get_userinfo(access_token, id_token, payload)
+        if not isinstance(claims, dict) or claims.get("sub") != payload.get("sub"):
+            raise SuspiciousOperation("userinfo is about another subject than the ID token")  # OIDC Core 5.3.2
+        return claims
+
     def verify_claims(self, claims) -> bool:
         return bool(claims.get("sub"))
 
