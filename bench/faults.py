@@ -19,7 +19,8 @@ stack recover, then measures:
 - usage rows against requests sent (SIGKILL: rows lost, against the bound: the requests in
   flight on either process when it was killed plus those that ended within one usage flush
   interval before it);
-- parallel slots still taken in Redis (the ``gw:{key_id}:parallel`` zset) afterwards;
+- parallel slots still taken in Redis (the ``gw:{key_id}:parallel`` zset) afterwards (SIGKILL:
+  the slots an admission still counts, once the killed process's have had SLOT_TTL to expire);
 - the demo workers' ``queue_length`` afterwards (``/worker_get_status``, before any reset);
 - the slowest answer in seconds.
 
@@ -52,6 +53,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from keys.limits import SLOT_TTL  # noqa: E402 - a slot no process renewed for this long is free
 from tests.procs import (  # noqa: E402 - needs the repository root on sys.path
     HOST,
     REPO_ROOT,
@@ -374,10 +376,13 @@ class Stack:
         ids = ",".join(map(str, key_ids))
         return int(self.pg.psql(f"SELECT count(*) FROM keys_usagerecord WHERE key_id IN ({ids})", self.pg.database))
 
-    def slots_taken(self, key_ids: list[int]) -> int:
+    def slots_taken(self, key_ids: list[int], live_only: bool = False) -> int:
+        """Members of the keys' parallel zsets; `live_only`: only those renewed within SLOT_TTL,
+        the ones the acquire script still counts (a killed process's stop being renewed)."""
         client = self.redis.client()
+        since = f"({int((time.time() - SLOT_TTL) * 1000)}" if live_only else "-inf"
         try:
-            return sum(client.zcard(f"gw:{{{key_id}}}:parallel") for key_id in key_ids)
+            return sum(client.zcount(f"gw:{{{key_id}}}:parallel", since, "+inf") for key_id in key_ids)
         finally:
             client.close()
 
@@ -542,12 +547,13 @@ async def settle(probe: Callable[[], int], want: Callable[[int], bool], timeout:
 
 async def measure(stack: Stack, fault: str, outcomes: list[Outcome], key_ids: list[int],
                   expected_rows: int | None = None, rows_bound: int | None = None, note: str = "",
-                  settle_seconds: float = 20.0, queue_probe: Callable[[], int] | None = None) -> Row:
+                  settle_seconds: float = 20.0, queue_probe: Callable[[], int] | None = None,
+                  slots_seconds: float = 15.0, live_slots_only: bool = False) -> Row:
     """The row of a fault, after waiting for queues, slots and usage rows to settle."""
     expected = len(outcomes) if expected_rows is None else expected_rows
     queue = await settle(queue_probe or stack.worker_queue, lambda q: q == 0, 10)
     # Releases that failed are retried with a backoff of up to 5 s (keys/limits.py).
-    slots = await settle(lambda: stack.slots_taken(key_ids), lambda s: s == 0, 15)
+    slots = await settle(lambda: stack.slots_taken(key_ids, live_slots_only), lambda s: s == 0, slots_seconds)
     rows = await settle(lambda: stack.usage_rows(key_ids), lambda r: r >= expected, settle_seconds)
     return Row(
         fault=fault, sent=len(outcomes), answered=dict(Counter(o.label for o in outcomes)),
@@ -730,8 +736,12 @@ async def sigkill(stack: Stack, scale: Scale, keys: dict) -> Row:
     # In flight at the kill, or ended within a flush interval (plus the flush's own time) before it.
     window = FLUSH_SECONDS + 0.25
     bound = sum(o.started <= killed_at[0] and o.ended >= killed_at[0] - window for o in outcomes)
+    # The killed process's slots stay in Redis, but no admission counts them once SLOT_TTL has
+    # passed since that process last renewed them (at most SLOT_TTL after the kill).
     row = await measure(stack, FAULTS["sigkill"][0], outcomes, ids, rows_bound=bound,
-                        note=f"pending usage gauge before the kill: {pending[0]}", settle_seconds=8)
+                        note=f"pending usage gauge before the kill: {pending[0]}", settle_seconds=8,
+                        slots_seconds=max(15.0, SLOT_TTL + 5 - (time.monotonic() - killed_at[0])),
+                        live_slots_only=True)
     stack.reset_workers()
     return row
 
