@@ -174,8 +174,9 @@ def test_redis_failed_probes_count_across_processes(redis_url):  # noqa: F811
     try:
         h1 = health({"a": FakeAdapter([REFUSED])}, one, failures=3)
         h2 = health({"a": FakeAdapter([REFUSED])}, two, failures=3)
-        for prober, other in ((h1, two), (h2, one), (h1, two)):  # the lease moves between processes
+        for prober, mine, other in ((h1, one, two), (h2, two, one), (h1, one, two)):  # the lease moves
             asyncio.run(prober.probe_now("a"))
+            mine.refresh_now()  # its write reaches Redis (the thread would within milliseconds)
             other.refresh_now()
         assert h1.state_of("a").state == COOLING_DOWN
         two.refresh_now()
