@@ -162,3 +162,23 @@ class FailoverThroughTheAPITests(GatewayTestCase):
         response = await self.post(CHAT, {**BODY, "tools": [tool]})
         self.assertEqual(response.status_code, 200, response.content)
         self.assertEqual((self.calls(self.a), self.calls(self.b)), (0, 1))
+
+    async def test_redis_down_keeps_routing_on_per_process_state(self):
+        from upstreams.shared_state import RedisTables
+
+        dead = RedisTables("redis://127.0.0.1:1/0", ("marks", "probes"), timeout=0.2, refresh_seconds=0.1)
+        try:
+            state.put("upstream_tables", dead)
+            state.put("upstream_health", None)  # rebuilt on the dead Redis's tables
+            state.put("upstream_router", None)
+            self.a.status = 401
+            for _ in range(3):
+                response = await self.post(CHAT, BODY)
+                self.assertEqual(response.status_code, 200)
+            self.assertEqual(get_health().state_of("a").state, "credentials_rejected")
+            self.assertEqual(self.calls(self.a), 1)  # marked in this process, skipped after
+            self.assertEqual((await self.async_client.get("/health/ready")).status_code, 200)
+        finally:
+            dead.stop()
+            state.put("upstream_tables", None)
+            state.put("upstream_health", None)
