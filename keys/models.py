@@ -263,6 +263,8 @@ class UsageRecord(models.Model):
     streamed = models.BooleanField(default=False)
     upstream = models.CharField(max_length=100, blank=True)
     route = models.CharField(max_length=200, blank=True)
+    # The upstream reported no usage: the tokens are the gateway's count (docs/openai-upstreams.md).
+    tokens_estimated = models.BooleanField(default=False)
     # The price in force at the request's time; NULL (and no currency) when its model had none.
     cost = models.DecimalField(null=True, blank=True, **COST_FIELD)
     currency = models.CharField(max_length=3, blank=True)

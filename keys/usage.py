@@ -59,7 +59,7 @@ SET_ASIDE_LOG_BURST = 20  # rows set aside logged one by one per WARNING_INTERVA
 
 RECORD_COLUMNS = ("key_id", "model", "endpoint", "request_id", "status", "error_code", "prompt_tokens",
                   "completion_tokens", "latency_ms", "ttft_ms", "streamed", "created_at", "upstream", "route",
-                  "cost", "currency")
+                  "cost", "currency", "tokens_estimated")
 
 
 ROWS_PER_INSERT = 500
@@ -79,7 +79,7 @@ def insert_records(events: list[UsageEvent], costs: list[tuple[Decimal | None, s
     rows = [
         (e.key_id, e.model, e.endpoint, e.request_id, e.status, e.error_code, e.prompt_tokens,
          e.completion_tokens, e.latency_ms, e.ttft_ms, e.streamed, adapt_datetime(e.created_at), e.upstream,
-         e.route, None if cost is None else adapt_decimal(cost, *COST_DIGITS), currency)
+         e.route, None if cost is None else adapt_decimal(cost, *COST_DIGITS), currency, e.tokens_estimated)
         for e, (cost, currency) in zip(events, costs, strict=True)
     ]
     per_insert = ROWS_PER_INSERT

@@ -82,6 +82,7 @@ class UsageEvent:
     created_at: datetime = field(default_factory=timezone.now)
     upstream: str = ""  # the upstream and route that served it (the router's report), if any
     route: str = ""
+    tokens_estimated: bool = False  # counted by the gateway: the upstream reported none
 
     def __post_init__(self) -> None:
         # Spelled out field by field, and a field set only if cleaning changed it: this runs

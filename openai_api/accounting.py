@@ -146,6 +146,7 @@ def record_usage(ctx: RequestContext) -> None:
         status=ctx.status, error_code=ctx.error_code, prompt_tokens=ctx.prompt_tokens,
         completion_tokens=ctx.completion_tokens, latency_ms=ctx.latency_ms, ttft_ms=ctx.ttft_ms,
         streamed=ctx.streamed, upstream=ctx.upstream or "", route=route_label(ctx.route),
+        tokens_estimated=ctx.tokens_estimated,
     ))
 
 

@@ -27,6 +27,7 @@ class RequestContext:
     error_code: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tokens_estimated: bool = False  # the upstream reported no usage: the adapter counted
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     lease: Any = None
@@ -51,6 +52,7 @@ class RequestContext:
         """Record the request's tokens; a count that is not a plausible token count is 0."""
         if isinstance(usage, Usage):
             self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            self.tokens_estimated = usage.estimated
             return
         self.prompt_tokens = token_count(usage.get("prompt_tokens", 0)) or 0
         self.completion_tokens = token_count(usage.get("completion_tokens", 0)) or 0

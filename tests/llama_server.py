@@ -47,7 +47,7 @@ class LlamaServer:
         return f"http://{HOST}:{self.port}/v1"
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        stop_process(self.proc, timeout=3)  # an idle server may sit on SIGTERM: SIGKILL then
 
 
 def start_llama_server(model: Path, log_dir: Path, *, alias: str, chat_format: str = "vicuna",

@@ -461,6 +461,21 @@ class ThroughTheGateway(GatewayTestCase):
         self.assertTrue(all(event["model"] == PUBLIC for event in events))
         self.assertEqual(events[-1]["usage"]["completion_tokens"], len(self.openai.words))
 
+    async def test_usage_rows_say_whether_the_upstream_counted_the_tokens(self):
+        from asgiref.sync import sync_to_async
+
+        from keys.models import UsageRecord
+        from keys.usage import usage_writer
+
+        await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES})
+        response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES, "stream": True})
+        b"".join([c async for c in response.streaming_content])
+        await sync_to_async(usage_writer.flush)()
+        rows = [(row.streamed, row.tokens_estimated, row.completion_tokens, row.upstream)
+                async for row in UsageRecord.objects.order_by("id")]
+        # llama.cpp reports usage in answers, never in streams: there the gateway counted
+        self.assertEqual(rows, [(False, False, 4, "llama"), (True, True, 4, "llama")])
+
     async def test_streamed_tool_calls_join_to_the_arguments(self):
         tool_choice = {"type": "function", "function": {"name": "get_weather"}}
         response = await self.post("/v1/chat/completions", {"model": PUBLIC, "messages": MESSAGES, "stream": True,
