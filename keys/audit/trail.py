@@ -151,7 +151,8 @@ def before_delete(sender, instance, **kwargs) -> None:
     if rules is None:
         return
     scope, _ = scope_for(instance)
-    note(scope, sender, instance.pk, full_state(instance, rules), concrete=True, repr_=str(instance))
+    old = stored(sender, instance.pk) or instance  # as stored, not as edited in memory
+    note(scope, sender, instance.pk, full_state(old, rules), concrete=True, repr_=str(instance))
 
 
 def after_delete(sender, instance, **kwargs) -> None:
