@@ -178,6 +178,11 @@ DATABASES = {
 GATEWAY_DATABASE_CONNECT_TIMEOUT = env_int("GATEWAY_DATABASE_CONNECT_TIMEOUT", 2)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", GATEWAY_DATABASE_CONNECT_TIMEOUT)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A transaction takes SQLite's write lock when it begins and waits for it: a deferred one that
+    # read first fails at once ("database is locked") when another thread writes (usage rows
+    # while a login writes its session).
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("transaction_mode", "IMMEDIATE")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"

@@ -1,8 +1,10 @@
 """python manage.py demo — the whole stack on one machine: FastChat's controller, the demo
-worker and the gateway, with a fresh key and a curl line to try it."""
+worker and the gateway, with a fresh key and a curl line to try it, and a login for the admin
+(user "demo", a superuser whose password is made anew and printed at each start)."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 import httpx
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -27,6 +30,19 @@ def wait_for_port(port: int, timeout: float) -> None:
         except OSError:
             time.sleep(0.1)
     raise CommandError(f"Nothing listens on 127.0.0.1:{port} after {timeout:.0f} s.")
+
+
+DEMO_ADMIN = "demo"
+
+
+def demo_admin() -> str:
+    """Create or reset the demo superuser with a fresh random password, returned to be printed."""
+    password = secrets.token_urlsafe(12)
+    user, _ = get_user_model().objects.get_or_create(username=DEMO_ADMIN)
+    user.is_staff = user.is_superuser = user.is_active = True
+    user.set_password(password)
+    user.save()
+    return password
 
 
 class Command(BaseCommand):
@@ -61,7 +77,7 @@ class Command(BaseCommand):
                  "--model-names", options["models"]], logdir, "worker"))
             self.wait_for_models(controller, options["models"].split(","))
             key, plaintext = APIKey.objects.create_key("demo", owner="manage.py demo")
-            self.announce(options["port"], plaintext, options["models"].split(",")[0], logdir)
+            self.announce(options["port"], plaintext, options["models"].split(",")[0], logdir, demo_admin())
             settings.CONTROLLER_ADDRESS = controller
             os.environ["CONTROLLER_ADDRESS"] = controller
             call_command("openai_api_server", host="127.0.0.1", port=options["port"],
@@ -91,7 +107,7 @@ class Command(BaseCommand):
             time.sleep(0.2)
         raise CommandError(f"The demo worker did not register with {controller}.")
 
-    def announce(self, port: int, plaintext: str, model: str, logdir: str) -> None:
+    def announce(self, port: int, plaintext: str, model: str, logdir: str, password: str) -> None:
         base = f"http://127.0.0.1:{port}"
         self.stdout.write(
             "\nThe gateway is starting in front of FastChat's controller and a demo worker.\n"
@@ -101,5 +117,7 @@ class Command(BaseCommand):
             f"-H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
             f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={plaintext}\n"
+            f"\nThe admin (keys, usage dashboard, live view, upstreams): {base}/admin/\n"
+            f"  user: {DEMO_ADMIN}  password (shown once): {password}\n"
         )
         self.stdout.flush()
