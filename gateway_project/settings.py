@@ -334,6 +334,7 @@ AXES_SENSITIVE_PARAMETERS = ["password", "otp_token"]
 # Staff must enter a TOTP token from a confirmed device to use the admin (`manage.py totp_device`).
 GATEWAY_ADMIN_OTP = env_bool("GATEWAY_ADMIN_OTP")
 OTP_TOTP_ISSUER = "FastChat gateway"
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # a device's secret is shown once, by the command, never in the admin
 # OpenID Connect single sign-on, on when OIDC_RP_CLIENT_ID is set; the local login stays.
 OIDC_RP_CLIENT_ID = env_str("OIDC_RP_CLIENT_ID")
 OIDC_RP_CLIENT_SECRET = env_secret("OIDC_RP_CLIENT_SECRET")

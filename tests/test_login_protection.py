@@ -138,6 +138,16 @@ class TOTPDeviceCommandTests(TestCase):
         self.assertEqual(uri, device.config_url)
         self.assertIn("issuer=FastChat%20gateway", uri)
 
+    def test_the_admin_never_shows_a_device_secret(self):
+        user = User.objects.create_superuser("root", password="pw")
+        device = TOTPDevice.objects.create(user=user, name="phone", confirmed=True)
+        self.client.force_login(user)
+        with override_settings(GATEWAY_ADMIN_OTP=False):
+            page = self.client.get(reverse("admin:otp_totp_totpdevice_change", args=[device.pk]))
+        self.assertEqual(page.status_code, 200)
+        self.assertNotContains(page, device.key)
+        self.assertNotContains(page, "otpauth://")
+
 
 class AdminSaysWhatItIsTests(TestCase):
     def test_the_index_is_titled_and_links_dashboard_live_view_and_upstream_health(self):
