@@ -78,6 +78,19 @@ class TeamModelTests(TeamTestCase):
         self.assertEqual(self.team.allowed_models, [])
 
 
+class TeamAdminPageTests(TeamTestCase):
+    def test_teams_and_prices_are_in_the_admin(self):
+        self.client.force_login(User.objects.create_superuser("root", password="pw"))
+        for url in ("/admin/keys/team/", "/admin/keys/team/add/", f"/admin/keys/team/{self.team.pk}/change/",
+                    "/admin/keys/price/", "/admin/keys/price/add/"):
+            self.assertEqual(self.client.get(url).status_code, 200, url)
+        response = self.client.post("/admin/keys/price/add/", {
+            "model": "m1", "upstream": "", "input_per_million": "0.15", "output_per_million": "0.6",
+            "currency": "USD", "valid_from_0": "2026-01-01", "valid_from_1": "00:00:00"})
+        self.assertEqual(response.status_code, 302, response.content[:2000])
+        self.assertEqual(Price.objects.get().output_per_million, Decimal("0.6"))
+
+
 class TeamLimitTests(TeamTestCase):
     """On the memory store, whose state the tests read (Redis: tests/test_budgets.py and the
     end-to-end tests/test_team_budget_e2e.py)."""
