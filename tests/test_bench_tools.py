@@ -1,5 +1,7 @@
-"""The benchmark's own tools: the fast fake worker answers like the demo worker, and the wrk
-load generator counts what it should (bench/fast_worker.py, bench/wrkgen.py)."""
+"""The benchmark's own tools: the fast fake worker answers like the demo worker, the fast fake
+OpenAI-compatible server answers like an OpenAI server (checked with the official client), and
+the wrk load generator counts what it should (bench/fast_worker.py, bench/fast_openai.py,
+bench/wrkgen.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import free_port, start_demo_worker, stop_process
+from tests.procs import free_port, start_demo_worker, start_process, stop_process, wait_for_port
 from tests.services import requires_service
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +60,54 @@ def test_the_fast_worker_answers_what_the_demo_worker_answers(workers):
                 assert (answer.status_code, answer.content) == (expected.status_code, expected.content), path
         assert client.post(fast + "/worker_get_status", json={}).json()["model_names"] == ["demo-chat", "demo-embed"]
         assert client.post(fast + "/nowhere", json={}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def fake_openai():
+    port = free_port()
+    proc = start_process([sys.executable, str(BENCH / "fast_openai.py"), "--port", str(port), "--reply-words", "64"])
+    try:
+        wait_for_port(port, timeout=20, proc=proc, what="bench/fast_openai.py")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(proc)
+
+
+def test_the_fake_openai_server_answers_the_official_client(fake_openai):
+    import openai
+
+    client = openai.OpenAI(base_url=fake_openai, api_key="sk-any", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["demo-chat", "demo-embed"]
+    messages = [{"role": "user", "content": "Say hello to the benchmark."}]
+    for _ in range(2):  # computed, then remembered: the same answer
+        answer = client.chat.completions.create(model="demo-chat", messages=messages, max_tokens=16)
+        assert answer.object == "chat.completion" and answer.model == "demo-chat"
+        assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason == "length"
+        assert len(answer.choices[0].message.content.split()) == 16
+        assert (answer.usage.completion_tokens, answer.usage.total_tokens) == (16, answer.usage.prompt_tokens + 16)
+    full = client.chat.completions.create(model="demo-chat", messages=messages)
+    assert full.choices[0].finish_reason == "stop" and full.usage.completion_tokens == 64
+
+    chunks = list(client.chat.completions.create(
+        model="demo-chat", messages=messages, max_tokens=64, stream=True, stream_options={"include_usage": True}))
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == 64 and "".join(content) == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 64
+    assert all(c.object == "chat.completion.chunk" and c.model == "demo-chat" for c in chunks)
+    plain = list(client.chat.completions.create(model="demo-chat", messages=messages, max_tokens=64, stream=True))
+    assert len(plain) == len(chunks) - 1 and all(c.usage is None and c.choices for c in plain)
+
+    embedded = client.embeddings.create(model="demo-embed", input=["one", "two words"])
+    assert [e.index for e in embedded.data] == [0, 1] and len(embedded.data[0].embedding) == 16
+    assert embedded.data[0].embedding != embedded.data[1].embedding and embedded.usage.prompt_tokens == 3
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=messages)
+    assert missing.value.code == "model_not_found"
+    garbage = httpx.post(fake_openai + "/chat/completions", content=b"{not json")
+    assert garbage.status_code == 400 and garbage.json()["error"]["type"] == "invalid_request_error"
 
 
 class CannedAPI(BaseHTTPRequestHandler):
