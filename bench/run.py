@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import statistics
@@ -26,6 +27,7 @@ from typing import Any
 
 from loadgen import SCENARIOS, machine_busy_seconds
 from targets import (
+    BACKENDS,
     REPLY_WORDS,
     TARGETS,
     WORKER_PROGRAMS,
@@ -49,8 +51,7 @@ def run_cell(
         "--scenario", scenario, "--concurrency", str(concurrency),
         "--warmup", str(options.warmup), "--duration", str(options.duration),
         "--watch", "gateway", "+".join(map(str, target.pids)),
-        "--watch", "controller", str(backend.procs["controller"].pid),
-        "--watch", "worker", str(backend.procs["worker"].pid),
+        "--watch", "backend", "+".join(map(str, backend.pids)),
     ]  # fmt: skip
     if target.service_pids:
         args += ["--watch", "services", "+".join(map(str, target.service_pids))]
@@ -171,7 +172,7 @@ def results_table(rows: list[dict[str, Any]], baseline: str) -> str:
     ]
     for r in rows:
         cpu = r["cpu_ms_per_request"]
-        backend_cpu = None if cpu["gateway"] is None else cpu["controller"] + cpu["worker"]
+        backend_cpu = cpu.get("backend")
         services_cpu = cpu.get("services")
         versus = fmt_ratio(r.get("versus"))
         lines.append(
@@ -201,6 +202,51 @@ def comparison_table(rows: list[dict[str, Any]], baseline: str) -> str:
             f"| {ratio(r['p50_ms'], other['p50_ms'])} | {ratio(r['ttft_p50_ms'], other['ttft_p50_ms'])} "
             f"| {ratio(cpu, other_cpu)} |"
         )
+    return "\n".join(lines)
+
+
+def before_after_table(rows: list[dict[str, Any]], before: str = "gateway-base", after: str = "gateway") -> str:
+    """Gateway CPU per request of this commit against another commit's (`--base-tree`), per cell."""
+    base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == before}
+    lines = [
+        f"| scenario | conc. | {before} CPU ms/req | {after} CPU ms/req | change | {before} req/s | {after} req/s |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        old = base.get((r["scenario"], r["concurrency"]))
+        if r["target"] != after or old is None:
+            continue
+        cpu, old_cpu = r["cpu_ms_per_request"]["gateway"], old["cpu_ms_per_request"]["gateway"]
+        change = "–" if not cpu or not old_cpu else f"{(cpu / old_cpu - 1) * 100:+.1f}%"
+        lines.append(
+            f"| {r['scenario']} | {r['concurrency']} | {fmt(old_cpu, 2)} | {fmt(cpu, 2)} | {change} "
+            f"| {fmt(old['rps'])} | {fmt(r['rps'])} |"
+        )
+    return "\n".join(lines)
+
+
+# The goals of an OpenAI-compatible upstream (README, "Speed"): CPU per request and req/s vs LiteLLM.
+OPENAI_GOALS = {"chat": 1.5, "chat_stream": 3.0}
+OPENAI_RATIO = 15.0
+
+
+def openai_goals_table(rows: list[dict[str, Any]], target: str = "gateway", baseline: str = "litellm") -> str:
+    """Each goal of the `--preset openai` run with what was measured: met or not."""
+    lines = ["| goal | scenario | conc. | measured | |", "|---|---|--:|--:|---|"]
+    for r in rows:
+        if r["target"] != target or r["scenario"] not in OPENAI_GOALS:
+            continue
+        cpu, limit = r["cpu_ms_per_request"]["gateway"], OPENAI_GOALS[r["scenario"]]
+        met = cpu is not None and cpu <= limit
+        lines.append(f"| gateway CPU ≤ {limit:g} ms/req | {r['scenario']} | {r['concurrency']} "
+                     f"| {fmt(cpu, 2)} ms | {'met' if met else '**not met**'} |")
+    for r in rows:
+        if r["target"] != target or r["scenario"] not in OPENAI_GOALS or r["concurrency"] == 1:
+            continue
+        versus = r.get("versus")
+        met = versus is not None and versus >= OPENAI_RATIO
+        lines.append(f"| req/s ≥ {OPENAI_RATIO:g}x {baseline}'s | {r['scenario']} | {r['concurrency']} "
+                     f"| {fmt_ratio(versus)} | {'met' if met else '**not met**'} |")
     return "\n".join(lines)
 
 
@@ -241,7 +287,7 @@ def gateway_commit() -> str:
     git = ["git", "-C", str(BENCH_DIR.parent)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     changed = subprocess.run(
-        [*git, "status", "--porcelain", "--", "gateway_project", "openai_api", "keys", "requirements.txt"],
+        [*git, "status", "--porcelain", "--", "gateway_project", "openai_api", "keys", "upstreams", "requirements.txt"],
         capture_output=True,
         text=True,
     ).stdout.strip()
@@ -269,6 +315,12 @@ def csv(kind: type) -> Any:
 
 
 DEFAULTS = {"targets": ["fastchat", "gateway"], "baseline": "fastchat", "loadgen": "python", "rounds": 1}
+# The gateway with an OpenAI-compatible upstream against LiteLLM's proxy, both in front of
+# bench/fast_openai.py: chat and 64-chunk streams.
+OPENAI = {
+    "targets": ["litellm", "gateway"], "baseline": "litellm", "backend": "openai",
+    "concurrency": [1, 16, 64], "scenarios": ["chat", "chat_stream"], "loadgen": "python", "rounds": 1,
+}  # fmt: skip
 # Two processes need the CPU that the Python load generator (~0.5 ms per request) would take.
 SCALING = {
     "targets": ["gateway", "gateway-nginx1", "gateway-nginx2"], "baseline": "gateway", "loadgen": "wrk",
@@ -284,10 +336,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one process against two behind nginx: targets " + ",".join(SCALING["targets"])
         + f", baseline {SCALING['baseline']}, wrk, concurrency 16,64, {SCALING['rounds']} rounds (about 13 min)",
     )  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=["fastchat", "openai"], default="fastchat",
+        help="fastchat (default): FastChat's openai_api_server beside the gateway, both in front of FastChat's "
+        "controller and bench/fast_worker.py; openai: LiteLLM's proxy beside the gateway, both in front of "
+        "bench/fast_openai.py, scenarios chat,chat_stream at concurrency 1,16,64",
+    )  # fmt: skip
+    parser.add_argument(
+        "--base-tree", type=Path,
+        help="a work tree of another commit (git worktree add /tmp/bench-base COMMIT): adds target gateway-base, "
+        "its gateway run by the same Python, to compare CPU per request before and after in one run",
+    )  # fmt: skip
     parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1, quick 0.5)")
     parser.add_argument("--concurrency", type=csv(int), help="default 1,16,32,64 (quick 1,32)")
-    parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS))
+    parser.add_argument("--scenarios", type=csv(str), help="default " + ",".join(SCENARIOS))
     parser.add_argument("--targets", type=csv(str), help="default fastchat,gateway; known: " + ",".join(TARGETS))
     parser.add_argument("--baseline", help="the target the ratios divide by (default fastchat)")
     parser.add_argument(
@@ -310,7 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds in all to wait for other processes to go idle between cells (default 30, quick 10)",
     )
     options = parser.parse_args(argv)
-    preset = SCALING if options.scaling else DEFAULTS
+    preset = SCALING if options.scaling else OPENAI if options.preset == "openai" else DEFAULTS
+    options.backend = preset.get("backend", "fastchat")
+    if options.base_tree is not None:
+        os.environ["BENCH_BASE_TREE"] = str(options.base_tree.resolve())
+        if options.targets is None:
+            options.targets = [*preset["targets"], "gateway-base"]
     for name, value in preset.items():
         if getattr(options, name) is None:
             setattr(options, name, value)
@@ -319,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.warmup = options.warmup if options.warmup is not None else (0.5 if quick else 1.0)
     if options.quiet_wait is None:
         options.quiet_wait = 10.0 if quick else 30.0
+    options.scenarios = options.scenarios or list(SCENARIOS)
     options.concurrency = options.concurrency or ([1, 32] if quick else [1, 16, 32, 64])
     for name, known in (("scenario", SCENARIOS), ("target", TARGETS)):
         unknown = set(getattr(options, name + "s")) - set(known)
@@ -339,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     backend, targets, rows, memory = None, [], [], {}
     try:
         try:
-            backend = start_backend(workdir, options.worker)
+            if options.backend == "openai":
+                backend = BACKENDS["openai"](workdir)
+            else:
+                backend = start_backend(workdir, options.worker)
             for name in options.targets:
                 targets.append(TARGETS[name](backend, workdir))
             run_all(targets, backend, options, rows)
@@ -376,6 +448,13 @@ def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, el
     print(results_table(summary, options.baseline) + "\n")
     if len({r["target"] for r in rows}) > 1:
         print(comparison_table(summary, options.baseline) + "\n")
+    targets = {r["target"] for r in rows}
+    if {"gateway", "gateway-base"} <= targets:
+        print("Gateway CPU per request against the base commit's (`--base-tree`):\n")
+        print(before_after_table(summary) + "\n")
+    if options.backend == "openai" and {"gateway", "litellm"} <= targets:
+        print("Goals with an OpenAI-compatible upstream:\n")
+        print(openai_goals_table(summary) + "\n")
     print(memory_table(memory))
     noise = report_noise(rows)
     if noise:

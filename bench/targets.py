@@ -6,6 +6,7 @@ function (for example two gateway processes behind nginx) and every scenario run
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,10 +50,12 @@ WORKER_CONCURRENCY = 1024
 
 @dataclass
 class Backend:
-    """The FastChat controller and one demo worker, shared by every target."""
+    """What every target sends its requests on to: the FastChat controller and one fake worker,
+    or (``upstream_url``) one fake OpenAI-compatible server."""
 
-    controller_url: str
+    controller_url: str | None
     procs: dict[str, subprocess.Popen[bytes]]
+    upstream_url: str | None = None  # the OpenAI-compatible upstream's base URL (ending in /v1)
 
     @property
     def pids(self) -> list[int]:
@@ -112,6 +115,26 @@ def start_backend(workdir: Path, worker: str = "fast") -> Backend:
     return backend
 
 
+def start_openai_backend(workdir: Path) -> Backend:
+    """Start one bench/fast_openai.py serving both models (64-word replies)."""
+    port = free_port()
+    proc = start_process(
+        [sys.executable, str(REPO_ROOT / "bench" / "fast_openai.py"), "--port", str(port),
+         "--models", ",".join(MODELS), "--reply-words", str(REPLY_WORDS)],
+        log_path=workdir / "fast_openai.log",
+    )  # fmt: skip
+    backend = Backend(None, {"upstream": proc}, f"http://{HOST}:{port}/v1")
+    try:
+        wait_for_port(port, timeout=20)
+    except BaseException:
+        stop_backend(backend)
+        raise
+    return backend
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"fastchat": start_backend, "openai": start_openai_backend}
+
+
 def stop_backend(backend: Backend) -> None:
     for proc in reversed(list(backend.procs.values())):
         stop_process(proc)
@@ -135,20 +158,105 @@ def start_fastchat(backend: Backend, workdir: Path) -> Target:
     return target
 
 
-def start_gateway(backend: Backend, workdir: Path) -> Target:
-    """Our gateway: one uvicorn process (uvloop, httptools), a fresh SQLite database, one key."""
+def start_gateway(backend: Backend, workdir: Path, name: str = "gateway", tree: Path = REPO_ROOT) -> Target:
+    """Our gateway: one uvicorn process (uvloop, httptools), a fresh SQLite database, one key.
+
+    With an OpenAI-compatible backend, that server is registered as the one upstream (through
+    `manage.py upstreams apply`, as an operator would), serving both models under their names.
+    ``tree`` is the checkout whose code runs (another commit's work tree for `gateway-base`).
+    """
     port = free_port()
     env = {
         "DJANGO_SETTINGS_MODULE": "gateway_project.settings",
-        "CONTROLLER_ADDRESS": backend.controller_url,
-        "DATABASE_URL": f"sqlite:///{workdir / 'gateway.sqlite3'}",
+        "DATABASE_URL": f"sqlite:///{workdir / (name + '.sqlite3')}",
     }
-    manage(env, "migrate", "--noinput")
-    key = manage(env, "create_api_key", "bench").strip().splitlines()[-1]
-    proc = start_process(uvicorn_command(port), env=env, log_path=workdir / "gateway.log")
-    target = Target("gateway", f"http://{HOST}:{port}", key, [proc], "uvicorn, 1 process")
+    if backend.controller_url:
+        env["CONTROLLER_ADDRESS"] = backend.controller_url
+    manage(env, "migrate", "--noinput", tree=tree)
+    key = manage(env, "create_api_key", "bench", tree=tree).strip().splitlines()[-1]
+    if backend.upstream_url:
+        registry = workdir / "upstreams.json"
+        registry.write_text(json.dumps(openai_registry(backend.upstream_url), indent=1))
+        manage(env, "upstreams", "apply", str(registry), tree=tree)
+    proc = start_in(tree, uvicorn_command(port), env, workdir / f"{name}.log")
+    target = Target(name, f"http://{HOST}:{port}", key, [proc], "uvicorn, 1 process")
     wait_listening(target, port)
     return target
+
+
+def start_in(tree: Path, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """tests.procs.start_process, but from the work tree ``tree`` (whose code the process imports)."""
+    if tree == REPO_ROOT:
+        return start_process(args, env=env, log_path=log_path)
+    with open(log_path, "ab") as output:
+        return subprocess.Popen(args, cwd=tree, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+
+
+def openai_registry(base_url: str) -> dict:
+    """The registry file for the fake OpenAI-compatible server: both models, listed by hand."""
+    return {"upstreams": [{
+        "name": "fast-openai", "kind": "openai", "base_url": base_url, "discover_models": False,
+        "max_concurrency": 1024,
+        "models": [{"public_name": "demo-chat", "upstream_name": "demo-chat"},
+                   {"public_name": "demo-embed", "upstream_name": "demo-embed", "capabilities": ["embeddings"]}],
+    }]}  # fmt: skip
+
+
+def start_gateway_base(backend: Backend, workdir: Path) -> Target:
+    """The gateway of another commit (the work tree in BENCH_BASE_TREE, e.g. made with `git
+    worktree add /tmp/bench-base COMMIT`), run by the same Python: a before/after in one run."""
+    tree = os.environ.get("BENCH_BASE_TREE")
+    if not tree or not (Path(tree) / "manage.py").exists():
+        raise RuntimeError("gateway-base needs --base-tree PATH (a work tree of the commit to compare with)")
+    return start_gateway(backend, workdir, name="gateway-base", tree=Path(tree))
+
+
+LITELLM_VENV = REPO_ROOT / "bench" / ".venv-litellm"
+# The newest release whose proxy extra installs from PyPI: from 1.108.8 on it requires a
+# `litellm-proxy` distribution that PyPI does not have. httptools gives its uvicorn the same HTTP
+# parser as ours (its proxy extra brings uvloop, not httptools).
+LITELLM_REQUIREMENTS = ["litellm[proxy]==1.108.7", "httptools==0.9.0"]
+
+
+def start_litellm(backend: Backend, workdir: Path) -> Target:
+    """LiteLLM's proxy (`litellm --config`, one process, no database, one master key) with both
+    models pointing at the same OpenAI-compatible upstream through its `openai/` provider."""
+    if not backend.upstream_url:
+        raise RuntimeError("litellm needs an OpenAI-compatible upstream: use --preset openai")
+    ensure_litellm_venv()
+    port, key = free_port(), "sk-bench-litellm"
+    config = workdir / "litellm.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model_list": [
+            {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": backend.upstream_url,
+                                                    "api_key": "sk-upstream-unused"}}
+            for name in MODELS
+        ],
+        "general_settings": {"master_key": key},
+        "litellm_settings": {"telemetry": False, "set_verbose": False},
+    }, indent=1))  # fmt: skip
+    env = {
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # never fetch the price list from the internet
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_SCHEMA_UPDATE": "True",
+    }
+    args = [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config), "--host", HOST, "--port", str(port),
+            "--num_workers", "1"]
+    proc = start_process(args, env=env, log_path=workdir / "litellm.log")
+    target = Target("litellm", f"http://{HOST}:{port}", key, [proc], "litellm proxy, 1 process")
+    wait_listening(target, port, timeout=120)
+    return target
+
+
+def ensure_litellm_venv() -> None:
+    """Create bench/.venv-litellm with LiteLLM's proxy if missing (its pins clash with ours)."""
+    if (LITELLM_VENV / "bin" / "litellm").exists():
+        return
+    print(f"Creating {LITELLM_VENV} (about a minute) ...", file=sys.stderr, flush=True)
+    subprocess.run(["python3", "-m", "venv", str(LITELLM_VENV)], check=True)
+    pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet", *LITELLM_REQUIREMENTS]
+    if subprocess.run(pip).returncode != 0:
+        raise RuntimeError(f"could not install LiteLLM; run by hand: {' '.join(pip)}")
 
 
 def start_gateway_nginx(backend: Backend, workdir: Path, processes: int = 2) -> Target:
@@ -193,15 +301,15 @@ TARGETS: dict[str, Callable[[Backend, Path], Target]] = {
     "gateway": start_gateway,
     "gateway-nginx1": partial(start_gateway_nginx, processes=1),
     "gateway-nginx2": partial(start_gateway_nginx, processes=2),
+    "gateway-base": start_gateway_base,
+    "litellm": start_litellm,
 }
 
 
-def manage(env: dict[str, str], *args: str) -> str:
-    """Run a Django management command with ``env`` added; return its stdout."""
-    import os
-
+def manage(env: dict[str, str], *args: str, tree: Path = REPO_ROOT) -> str:
+    """Run a Django management command of ``tree`` with ``env`` added; return its stdout."""
     result = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+        [sys.executable, "manage.py", *args], cwd=tree, env={**os.environ, **env},
         capture_output=True, text=True,
     )  # fmt: skip
     if result.returncode != 0:
