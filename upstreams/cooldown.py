@@ -104,7 +104,8 @@ class Breakers:
         """Seconds until the first of these upstreams may be tried again (None: not known)."""
         ends = [mark["until"] for name in names
                 if (mark := self.mark(name)) and mark.get("reason") == "failures"]
-        return max(0.0, min(ends) - self.clock()) if ends else None
+        # At least a second: a half-open upstream whose one trial runs elsewhere is tried again soon.
+        return max(1.0, min(ends) - self.clock()) if ends else None
 
     def claim_trial(self, name: str) -> bool:
         """For a half-open upstream: may this request be the trial? (Blocking on Redis, at most
