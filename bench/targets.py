@@ -178,7 +178,7 @@ def start_gateway(backend: Backend, workdir: Path, name: str = "gateway", tree: 
         registry = workdir / "upstreams.json"
         registry.write_text(json.dumps(openai_registry(backend.upstream_url), indent=1))
         manage(env, "upstreams", "apply", str(registry), tree=tree)
-    proc = start_in(tree, uvicorn_command(port), env, workdir / f"{name}.log")
+    proc = start_in(tree, tree_uvicorn_command(tree, port), env, workdir / f"{name}.log")
     target = Target(name, f"http://{HOST}:{port}", key, [proc], "uvicorn, 1 process")
     wait_listening(target, port)
     return target
@@ -190,6 +190,15 @@ def start_in(tree: Path, args: list[str], env: dict[str, str], log_path: Path) -
         return start_process(args, env=env, log_path=log_path)
     with open(log_path, "ab") as output:
         return subprocess.Popen(args, cwd=tree, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+
+
+def tree_uvicorn_command(tree: Path, port: int) -> list[str]:
+    """The uvicorn command of ``tree``'s own tests/gateway_process.py (older commits served no
+    ASGI lifespan: `--lifespan off`), so each commit runs as its own benchmark ran it."""
+    command = uvicorn_command(port)
+    if tree != REPO_ROOT and '"--lifespan", "off"' in (tree / "tests" / "gateway_process.py").read_text():
+        command[command.index("--lifespan") + 1] = "off"
+    return command
 
 
 def openai_registry(base_url: str) -> dict:
