@@ -35,12 +35,13 @@ class LockoutBackend(AxesStandaloneBackend):
         return super().authenticate(request, username=username, password=password, **kwargs)
 
 
-def client_ip(request: HttpRequest) -> str:
+def client_ip(request: HttpRequest) -> str | None:
+    """None when there is no peer address (a Unix socket; the test client's force_login())."""
     address = request.META.get("REMOTE_ADDR") or ""
     try:
         return str(ipaddress.ip_address(address))
     except ValueError:
-        return "unknown"
+        return None
 
 
 def locked_out(request: HttpRequest, original_response=None, credentials=None) -> HttpResponse:
