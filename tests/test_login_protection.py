@@ -6,6 +6,8 @@ import io
 import re
 from datetime import timedelta
 
+import httpx
+import pytest
 from axes.models import AccessAttempt
 from django.contrib.auth.models import User
 from django.core.management import call_command
@@ -13,6 +15,8 @@ from django.test import TestCase, override_settings
 from django.urls import reverse
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from tests.gateway_process import start_gateway
 
 ADMIN_LOGIN = reverse("admin:login")
 CONSOLE_LOGIN = reverse("console:login")
@@ -160,3 +164,31 @@ class AdminSaysWhatItIsTests(TestCase):
 
     def test_the_login_page_is_titled(self):
         self.assertContains(self.client.get(ADMIN_LOGIN), "FastChat gateway")
+
+
+@pytest.mark.e2e
+def test_behind_the_proxy_each_forwarded_client_is_counted_apart_and_a_forged_address_is_ignored(tmp_path):
+    """Served by uvicorn as deployed: it trusts the forwarding header from nginx on loopback only
+    and takes the client nginx saw (the rightmost address), not one the client wrote itself."""
+    gateway = start_gateway(tmp_path, "http://127.0.0.1:9", server="uvicorn",
+                            extra_env={"GATEWAY_LOGIN_FAILURE_LIMIT": "2"})
+    try:
+        gateway.manage("shell", "-c", "from django.contrib.auth.models import User; "
+                                      "User.objects.create_superuser('root', password='right-password')")
+
+        def login(password: str, forwarded_for: str) -> int:
+            with httpx.Client(base_url=gateway.url, timeout=10) as browser:
+                page = browser.get(ADMIN_LOGIN)
+                token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+                return browser.post(f"{ADMIN_LOGIN}?next={ADMIN_INDEX}", headers={"X-Forwarded-For": forwarded_for},
+                                    data={"csrfmiddlewaretoken": token, "username": "root", "password": password}
+                                    ).status_code
+
+        assert login("wrong", "198.51.100.1") == 200
+        assert login("wrong", "198.51.100.1") == 429
+        assert login("right-password", "198.51.100.1") == 429
+        # What nginx sends when the locked-out client writes its own header: "forged, real".
+        assert login("right-password", "203.0.113.9, 198.51.100.1") == 429
+        assert login("right-password", "198.51.100.2") == 302  # another client behind the proxy
+    finally:
+        gateway.stop()
