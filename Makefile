@@ -55,6 +55,7 @@ test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py check
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/python -m pytest
-	@echo "== The same suite on PostgreSQL + Redis (throwaway servers from tests/services.py) =="
+	@echo "== The in-process tests on the embedded defaults (SQLite, in-memory limits) =="
+	$(BIN)/python -m pytest -m "not e2e"
+	@echo "== The whole suite on PostgreSQL + Redis (throwaway servers from tests/services.py) =="
 	$(BIN)/python -m tests.services -- $(BIN)/python -m pytest
