@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from django.conf import settings
+from django.core.signals import setting_changed
 
 from gateway_project import state
 from upstreams import registry, routing
@@ -35,7 +35,7 @@ class Router:
     def __init__(self, snapshot=registry.asnapshot, adapters=adapter_for):
         self._snapshot = snapshot
         self._adapter_for = adapters
-        self._zero: tuple[tuple[Any, ...], Any] = ((), None)
+        self._zero: tuple[int, Any] = (-1, None)
         self._known: tuple[Any, list[str]] = (None, [])
         self._dispatcher: routing.Dispatcher | None = None
 
@@ -152,11 +152,11 @@ class Router:
     # Plumbing
 
     def _zero_spec(self) -> Any:
-        """registry.zero_config_upstream(), made again only when its settings change (tests
-        override them), so that adapters.adapter_for() finds the same spec object."""
-        key = (settings.CONTROLLER_ADDRESS, settings.FASTCHAT_CONTROLLER_TIMEOUT, settings.FASTCHAT_WORKER_API_TIMEOUT)
-        if self._zero[0] != key:
-            self._zero = (key, registry.zero_config_upstream())
+        """registry.zero_config_upstream(), made again only after a settings change (tests
+        override them), so that adapters.adapter_for() finds the same spec object and a request
+        reads no setting."""
+        if self._zero[0] != _settings_epoch[0]:
+            self._zero = (_settings_epoch[0], registry.zero_config_upstream())
         return self._zero[1]
 
     def _zero_adapter(self) -> Any:
@@ -190,6 +190,17 @@ class Router:
         if self._dispatcher is None or self._dispatcher.health is not health:
             self._dispatcher = routing.Dispatcher(health, policy=routing.RoutingPolicy.from_settings())
         return self._dispatcher
+
+
+# Bumped by every settings change (only tests change settings in a running process).
+_settings_epoch = [0]
+
+
+def _on_setting_changed(**kwargs: Any) -> None:
+    _settings_epoch[0] += 1
+
+
+setting_changed.connect(_on_setting_changed)
 
 
 def get_router() -> Router:
