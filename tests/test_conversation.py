@@ -10,6 +10,7 @@ import pytest
 from fastchat.conversation import SeparatorStyle as FastChatStyle
 from fastchat.conversation import conv_templates, get_conv_template
 
+from tests.fastchat_reference import fastchat_conversation
 from upstreams.fastchat.conversation import (
     IMAGE_PLACEHOLDER,
     PromptError,
@@ -18,7 +19,6 @@ from upstreams.fastchat.conversation import (
     build_prompt,
     stop_list,
 )
-from tests.fastchat_reference import fastchat_conversation
 
 # Templates a release worker can serve; the rest (chatgpt, bard, …) are API-only and
 # have no separator style, so a worker would fail at int(None) on startup.

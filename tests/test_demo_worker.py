@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 
-from upstreams.fastchat.demo_worker import REPLY, SERVER_ERROR_MSG
 from tests.procs import (
     free_port,
     start_controller,
@@ -21,6 +20,7 @@ from tests.procs import (
     stop_process,
     wait_for_models,
 )
+from upstreams.fastchat.demo_worker import REPLY, SERVER_ERROR_MSG
 
 PROMPT = "USER: Hi there ASSISTANT:"  # 4 words + BOS = 5 tokens
 FULL_REPLY = " ".join(REPLY)

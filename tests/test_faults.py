@@ -10,10 +10,10 @@ import httpx
 from asgiref.testing import ApplicationCommunicator
 
 from gateway_project.asgi import application
-from upstreams.transport import reset_http_client
 from tests.asgi import http_scope, request, stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.sse import parse_sse, read_stream
+from upstreams.transport import reset_http_client
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}]}

@@ -18,12 +18,12 @@ from keys.limits import get_limit_store
 from keys.models import APIKey
 from keys.usage import usage_writer
 from openai_api.auth import key_cache
-from upstreams.adapters import reset_adapters
-from upstreams.transport import reset_http_client
 from tests.asgi import http_scope
 from tests.base import GatewayTestCase
 from tests.fakes import CONTROLLER, WORKER
 from tests.sse import parse_sse, read_stream
+from upstreams.adapters import reset_adapters
+from upstreams.transport import reset_http_client
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

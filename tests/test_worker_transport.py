@@ -17,12 +17,12 @@ from django.test import override_settings
 
 from gateway_project.asgi import application
 from keys.usage import usage_writer
-from upstreams.transport import get_transport, reset_http_client
-from upstreams.fastchat.demo_worker import DemoWorker, parse_args
 from tests.asgi import http_scope
 from tests.base import GatewayTestCase
 from tests.procs import free_port
 from tests.sse import parse_sse, read_stream
+from upstreams.fastchat.demo_worker import DemoWorker, parse_args
+from upstreams.transport import get_transport, reset_http_client
 
 CHAT = "/v1/chat/completions"
 
