@@ -3,6 +3,8 @@
     . .venv/bin/activate && python bench/run.py [--quick] [--duration S] [--concurrency 1,32]
         [--scenarios chat,chat_stream,embeddings] [--targets fastchat,gateway] [--json out.json]
     python bench/run.py --scaling     # one process against two behind nginx (wrk, 3 rounds)
+    python bench/run.py --preset openai   # an OpenAI-compatible upstream: the gateway against LiteLLM's proxy
+    python bench/run.py --base-tree /tmp/bench-base --baseline gateway-base   # before/after in one run
 
 Starts the FastChat controller, ONE fake worker (bench/fast_worker.py) and every target, then
 runs each scenario at each concurrency against each target in turn (targets interleaved, so
@@ -205,21 +207,37 @@ def comparison_table(rows: list[dict[str, Any]], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def before_after_table(rows: list[dict[str, Any]], before: str = "gateway-base", after: str = "gateway") -> str:
-    """Gateway CPU per request of this commit against another commit's (`--base-tree`), per cell."""
-    base = {(r["scenario"], r["concurrency"]): r for r in rows if r["target"] == before}
+def before_after_table(
+    summary: list[dict[str, Any]], rounds: list[dict[str, Any]], before: str = "gateway-base", after: str = "gateway"
+) -> str:
+    """Gateway CPU per request of this commit against another commit's (`--base-tree`), per cell:
+    the median rows' figures, and the median over rounds of the ratio within each round (the two
+    ran back to back, so the machine's drift cancels out)."""
+    per_round: dict[tuple, dict[str, float]] = {}
+    for r in rounds:
+        per_round.setdefault((r["scenario"], r["concurrency"], r.get("round")), {})[r["target"]] = (
+            r["cpu_ms_per_request"]["gateway"]
+        )
+    ratios: dict[tuple, list[float]] = {}
+    for (scenario, concurrency, _), cpu in per_round.items():
+        if cpu.get(before) and cpu.get(after):
+            ratios.setdefault((scenario, concurrency), []).append(cpu[after] / cpu[before])
+    base = {(r["scenario"], r["concurrency"]): r for r in summary if r["target"] == before}
     lines = [
-        f"| scenario | conc. | {before} CPU ms/req | {after} CPU ms/req | change | {before} req/s | {after} req/s |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        f"| scenario | conc. | {before} CPU ms/req | {after} CPU ms/req | change (median of rounds) "
+        f"| each round | {before} req/s | {after} req/s |",
+        "|---|--:|--:|--:|--:|---|--:|--:|",
     ]
-    for r in rows:
+    for r in summary:
         old = base.get((r["scenario"], r["concurrency"]))
         if r["target"] != after or old is None:
             continue
         cpu, old_cpu = r["cpu_ms_per_request"]["gateway"], old["cpu_ms_per_request"]["gateway"]
-        change = "–" if not cpu or not old_cpu else f"{(cpu / old_cpu - 1) * 100:+.1f}%"
+        found = ratios.get((r["scenario"], r["concurrency"]), [])
+        change = f"{(statistics.median(found) - 1) * 100:+.1f}%" if found else "–"
+        each = ", ".join(f"{(x - 1) * 100:+.0f}%" for x in found)
         lines.append(
-            f"| {r['scenario']} | {r['concurrency']} | {fmt(old_cpu, 2)} | {fmt(cpu, 2)} | {change} "
+            f"| {r['scenario']} | {r['concurrency']} | {fmt(old_cpu, 2)} | {fmt(cpu, 2)} | {change} | {each} "
             f"| {fmt(old['rps'])} | {fmt(r['rps'])} |"
         )
     return "\n".join(lines)
@@ -451,7 +469,7 @@ def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, el
     targets = {r["target"] for r in rows}
     if {"gateway", "gateway-base"} <= targets:
         print("Gateway CPU per request against the base commit's (`--base-tree`):\n")
-        print(before_after_table(summary) + "\n")
+        print(before_after_table(summary, rows) + "\n")
     if options.backend == "openai" and {"gateway", "litellm"} <= targets:
         print("Goals with an OpenAI-compatible upstream:\n")
         print(openai_goals_table(summary) + "\n")
