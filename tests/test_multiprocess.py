@@ -104,10 +104,12 @@ def test_a_rate_limit_is_exact_across_both_processes(cluster):
         assert len(mine) == 50 and mine.count(429) >= 30
 
 
+# A staff member who may change keys (the key API checks Django's model permissions).
 STAFF_KEY = """
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from keys.models import APIKey
 staff = User.objects.create_user("staff", is_staff=True)
+staff.user_permissions.add(Permission.objects.get(codename="change_apikey"))
 print(APIKey.objects.create_key("staff", user=staff)[1])
 """
 
