@@ -145,13 +145,6 @@ def record_usage(ctx: RequestContext) -> None:
         key_id=ctx.key.id, model=ctx.model, endpoint=ctx.endpoint, request_id=ctx.request_id,
         status=ctx.status, error_code=ctx.error_code, prompt_tokens=ctx.prompt_tokens,
         completion_tokens=ctx.completion_tokens, latency_ms=ctx.latency_ms, ttft_ms=ctx.ttft_ms,
-        streamed=ctx.streamed, upstream=ctx.upstream or "", route=route_label(ctx.route),
+        streamed=ctx.streamed, upstream=ctx.upstream or "", route=ctx.route_name,
         tokens_estimated=ctx.tokens_estimated,
     ))
-
-
-def route_label(route: Any) -> str:
-    """A usage row's route: the model's name at its upstream (an alias's target), "" if none."""
-    if route is None:
-        return ""
-    return route if isinstance(route, str) else getattr(route, "upstream_model", "") or ""

@@ -66,6 +66,14 @@ class RequestContext:
         self.add_usage(usage)
 
     @property
+    def route_name(self) -> str:
+        """The model's name at the upstream that served it (an alias's target), "" if none."""
+        route = self.route
+        if route is None:
+            return ""
+        return route if isinstance(route, str) else getattr(route, "upstream_model", "") or ""
+
+    @property
     def latency_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 

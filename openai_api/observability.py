@@ -194,7 +194,9 @@ def access_line(ctx: RequestContext) -> str:
         "model": ctx.model,
         "status": ctx.status,
         "error": ctx.error_code or None,
-        "upstream": ctx.upstream_url or None,  # the controller or worker that failed
+        "upstream": ctx.upstream or None,  # the registered upstream that served it
+        "route": ctx.route_name or None,  # the model's name at that upstream
+        "upstream_url": ctx.upstream_url or None,  # the controller or worker that failed
         "streamed": ctx.streamed,
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
