@@ -646,10 +646,14 @@ def test_an_abandoned_non_streamed_request_frees_the_real_worker(stack: Stack, h
     body = {"model": VICUNA, "prompt": "def hello", "max_tokens": 1900, "temperature": 0}
     # The same generation sent straight to the worker's /worker_generate, abandoned by its client,
     # keeps the worker busy: the premise, shown on the real thing.
-    params = {"model": VICUNA, "prompt": "def hello", "temperature": 0.0, "max_new_tokens": 300, "echo": False,
+    params = {"model": VICUNA, "prompt": "def hello", "temperature": 0.0, "max_new_tokens": 1000, "echo": False,
               "stop": [], "stop_token_ids": None}  # a shorter one: the test waits for it to end
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(stack.worker(VICUNA) + "/worker_generate", json=params, timeout=0.5)
+    try:
+        httpx.post(stack.worker(VICUNA) + "/worker_generate", json=params, timeout=0.3)
+    except httpx.ReadTimeout:
+        pass  # the client left while the worker generates
+    else:
+        pytest.skip("the tiny model ended this generation within 0.3 s: nothing to abandon")
     time.sleep(0.5)
     if worker_queue_length(stack, VICUNA) == 0:
         pytest.skip("the tiny model ended this generation within a second: nothing to abandon")
