@@ -39,6 +39,19 @@ def gateway_stack(request, tmp_path_factory) -> Iterator:
         context.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, driven by Playwright) for the browser tests of a module."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def keep_the_test_transactions_connection():
     """A TestCase runs inside a transaction (autocommit off), which close_old_connections()

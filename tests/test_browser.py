@@ -43,16 +43,6 @@ def gateway(gateway_stack) -> Gateway:
     return server
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def context(browser):
     context = browser.new_context(viewport={"width": 1440, "height": 800})

@@ -14,7 +14,7 @@ import pytest
 
 from tests.gateway_process import Gateway, StackSpec, WorkerSpec
 from tests.services import requires_service
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, MODEL, PLAINTEXT, curl_chat, serve_static, shoot, wait_until
+from tests.test_browser import CHROMIUM, MODEL, PLAINTEXT, curl_chat, serve_static, shoot, wait_until
 
 PASSWORD = "console-test-password"
 TEAM = "research"
@@ -49,16 +49,6 @@ def gateway(gateway_stack) -> Gateway:
     server = gateway_stack.gateway
     server.manage("shell", "-c", SETUP)
     return server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cryptography.fernet import Fernet
 from tests.gateway_process import StackSpec, WorkerSpec
 from tests.procs import REPO_ROOT, free_port, start_process, stop_process, wait_for_port
 from tests.services import requires_service
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, serve_static, shoot
+from tests.test_browser import CHROMIUM, serve_static, shoot
 
 pytestmark = [pytest.mark.e2e, requires_service("Chromium", Path(CHROMIUM).exists(), f"no {CHROMIUM}")]
 
@@ -48,16 +48,6 @@ def stack(gateway_stack):
     finally:
         for proc in procs:
             stop_process(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def generations(fake_url: str) -> int:

@@ -47,17 +47,10 @@ class Sampling:
     include_usage: bool  # the client asked for stream usage (stream_options.include_usage)
 
 
-@dataclass(frozen=True)
-class ChatCall:
-    endpoint: ClassVar[str] = "chat"
-    public_model: str
-    messages: str | list[dict[str, Any]]
+class SampledCall:
+    """What a generating call (chat, completions) tells from its sampling parameters."""
+
     sampling: Sampling
-    user: str | None
-    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    needs: frozenset[str] = frozenset()
-    asked: tuple[Need, ...] = ()  # which parameter asked for each need, for the 400
-    repetition_penalty: float | None = None  # FastChat's /api/v1/chat/completions only
 
     @property
     def stream(self) -> bool:
@@ -69,7 +62,20 @@ class ChatCall:
 
 
 @dataclass(frozen=True)
-class CompletionsCall:
+class ChatCall(SampledCall):
+    endpoint: ClassVar[str] = "chat"
+    public_model: str
+    messages: str | list[dict[str, Any]]
+    sampling: Sampling
+    user: str | None
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    needs: frozenset[str] = frozenset()
+    asked: tuple[Need, ...] = ()  # which parameter asked for each need, for the 400
+    repetition_penalty: float | None = None  # FastChat's /api/v1/chat/completions only
+
+
+@dataclass(frozen=True)
+class CompletionsCall(SampledCall):
     endpoint: ClassVar[str] = "completions"
     public_model: str
     prompts: list[str]  # token-id prompts are decoded by the face (openai_api/tokens.py)
@@ -82,14 +88,6 @@ class CompletionsCall:
     body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     needs: frozenset[str] = frozenset()
     asked: tuple[Need, ...] = ()  # which parameter asked for each need, for the 400
-
-    @property
-    def stream(self) -> bool:
-        return self.sampling.stream
-
-    @property
-    def include_usage(self) -> bool:
-        return self.sampling.include_usage
 
 
 @dataclass(frozen=True)
