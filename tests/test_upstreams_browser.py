@@ -83,17 +83,21 @@ def test_a_wrong_key_is_credentials_rejected_in_the_admin_and_gets_no_traffic(st
     # Nobody sends a request: the probes alone find the wrong key.
     locked_row = "#result_list tr:has(th a:text-is('locked'))"
     while True:
+        loading = time.monotonic()
         tab.goto(f"{gateway.url}/admin/upstreams/upstream/")
+        page_load = time.monotonic() - loading
         cell = tab.query_selector(f"{locked_row} .upstream-state")
         if cell is not None and cell.get_attribute("data-state") == "credentials_rejected":
             break
-        assert time.monotonic() - applied < PROBE_SECONDS + 3, "not shown as credentials rejected in time"
+        assert time.monotonic() - applied < PROBE_SECONDS + 8, "not shown as credentials rejected in time"
         time.sleep(0.2)
     elapsed = time.monotonic() - applied
     print(f"'credentials rejected' shown {elapsed:.1f} s after the registry was applied (probe interval "
-          f"{PROBE_SECONDS:.0f} s, registry snapshots refreshed every second)")
-    # One probe interval after the registry reached the process (its snapshot is at most 1 s old).
-    assert elapsed <= PROBE_SECONDS + 1.5
+          f"{PROBE_SECONDS:.0f} s, registry snapshots refreshed every second, that page took {page_load:.1f} s)")
+    # The registry reaches the process within a second (its snapshot's age), the next probe runs within
+    # one interval and takes up to a second against a fake; the page that showed it took page_load to
+    # render. On a loaded CI machine the page load is the part that varies, so it is measured, not guessed.
+    assert elapsed <= 1.0 + PROBE_SECONDS + 1.0 + page_load + 0.5
     assert "credentials rejected" in tab.inner_text(f"{locked_row}")
     good = tab.query_selector("#result_list tr:has(th a:text-is('good')) .upstream-state")
     assert good.get_attribute("data-state") == "healthy"
