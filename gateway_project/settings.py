@@ -211,6 +211,7 @@ GATEWAY_MAX_STOP_CHARS = env_int("GATEWAY_MAX_STOP_CHARS", 256)
 GATEWAY_MAX_EMBEDDING_INPUTS = env_int("GATEWAY_MAX_EMBEDDING_INPUTS", 2048)
 GATEWAY_EMBEDDING_CONCURRENCY = env_int("GATEWAY_EMBEDDING_CONCURRENCY", 4)
 GATEWAY_MAX_TOKEN_CHECK_ITEMS = env_int("GATEWAY_MAX_TOKEN_CHECK_ITEMS", 64)
+GATEWAY_MAX_RESPONSE_ITEMS = env_int("GATEWAY_MAX_RESPONSE_ITEMS", 2048)  # /v1/responses input items
 
 # Upstream registry: the Fernet key(s) that encrypt upstream API keys at rest, newest first
 # (comma-separated; the older ones only decrypt, until `manage.py upstreams rotate-key`).
