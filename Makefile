@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test install-llama system-deps lint
+.PHONY: demo test install install-test install-llama install-agents system-deps lint
 
 # Services the tests use: Redis, nginx, wrk, Chromium and PostgreSQL 15 (Debian packages, installed
 # when missing; needs root, as on CI).
@@ -26,7 +26,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-install-test: install system-deps install-llama
+install-test: install system-deps install-llama install-agents
 	$(BIN)/pip install --quiet -r requirements-realworker.txt
 
 # llama.cpp's OpenAI-compatible server (llama-cpp-python) for tests/test_llama_cpp.py. PyPI has only
@@ -45,6 +45,13 @@ install-llama: install
 	  CMAKE_ARGS=-DGGML_NATIVE=OFF $(BIN)/pip wheel --quiet --no-deps -w $(LLAMA_WHEELS) \
 	    $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz; }
 	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -r requirements-llama.txt
+
+# The OpenAI Agents SDK for tests/test_responses_e2e.py, in a venv of its own: openai-agents 0.24.0
+# needs websockets<17, the gateway pins 17.4. The test runs tests/agents_script.py with its python.
+AGENTS_VENV ?= .venv-agents
+install-agents:
+	@test -x $(AGENTS_VENV)/bin/python || $(PYTHON) -m venv $(AGENTS_VENV)
+	$(AGENTS_VENV)/bin/pip install --quiet -r requirements-agents.txt
 
 demo: install
 	$(BIN)/python manage.py demo
