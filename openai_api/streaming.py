@@ -2,7 +2,10 @@
 
 The router hands the face a primed Stream (upstreams/base.py): the JSON bytes of one OpenAI chunk at
 a time. Here each becomes a `data: ` event. Once the 200 status is sent, a failure becomes one
-`data: {"error": ...}` event followed by `data: [DONE]`. If the client disconnects, Django
+`data: {"error": ...}` event followed by `data: [DONE]`. A stream with an `EventTranslator` (the
+Responses API, openai_api/responses/events.py) is framed by it instead: its opening events, each
+chunk's events, its final events; a failure becomes its one failure event, and no `[DONE]` follows.
+If the client disconnects, Django
 cancels the generator (asyncio.CancelledError at its current await): the stream is closed in
 `finally` and the cancellation re-raised, so the upstream sees the disconnect at once.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from django.http import StreamingHttpResponse
@@ -22,6 +25,7 @@ from openai_api.lifecycle import ActiveStream, active_streams
 from openai_api.observability import stream_started
 from openai_api.upstream_errors import as_openai
 from upstreams.base import Stream
+from upstreams.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +36,33 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def sse_error(exc: BaseException) -> bytes:
+def stream_error(exc: BaseException) -> OpenAIError:
+    """The error a failed stream reports (an unexpected exception is logged, and told as a 502)."""
     exc = as_openai(exc)
     if not isinstance(exc, OpenAIError):
         logger.exception("Stream failed", exc_info=exc)
         exc = UpstreamError("The stream failed.")
-    return sse_event(error_body(exc))
+    return exc
+
+
+def sse_error(exc: BaseException) -> bytes:
+    return sse_event(error_body(stream_error(exc)))
+
+
+class EventTranslator(Protocol):
+    """Frames a stream's chunks in another API's events (the Responses API's)."""
+
+    def start(self) -> bytes:
+        """The events sent before the first chunk's."""
+
+    def chunk(self, raw: bytes) -> bytes:
+        """The events of one chunk (b"" for none)."""
+
+    async def end(self, usage: Usage) -> bytes:
+        """The final events, once the stream ended well (`usage`: the stream's tokens)."""
+
+    def failed(self, error: OpenAIError) -> bytes:
+        """The one event that ends a failed stream."""
 
 
 class EventStreamResponse(StreamingHttpResponse):
@@ -64,9 +89,10 @@ def sse_response(events: AsyncIterator[bytes]) -> StreamingHttpResponse:
     return response
 
 
-async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIterator[bytes]:
+async def guarded(stream: Stream, on_end: Any, upstreams: list[Any],
+                  translator: EventTranslator | None = None) -> AsyncIterator[bytes]:
     """Frame `stream`'s chunks as events, then `[DONE]`; a failure becomes one error event before
-    `[DONE]`.
+    `[DONE]`. With a `translator`, its events frame the stream, and no `[DONE]` is sent.
 
     `on_end(status, error_code, upstream_url)` runs exactly once, however the stream ends: 200
     on success, 502 after an error event (503 if a shutdown cut it), 499 when the client went
@@ -77,8 +103,15 @@ async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIte
     active = ActiveStream(upstreams)
     active_streams.add(active)
     try:
-        async for chunk in stream:
-            yield b"data: " + chunk + b"\n\n"
+        if translator is None:  # chat and completions: the chunk as it came, nothing more per chunk
+            async for chunk in stream:
+                yield b"data: " + chunk + b"\n\n"
+        else:
+            yield translator.start()
+            async for chunk in stream:
+                if events := translator.chunk(chunk):
+                    yield events
+            yield await translator.end(stream.usage)
     except Exception as exc:
         error: BaseException = as_openai(exc)
         if active.interrupted:
@@ -86,7 +119,7 @@ async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIte
         status = error.status_code if isinstance(error, OpenAIError) else 502
         error_code = getattr(error, "code", None) or "stream_error"
         upstream_url = getattr(error, "upstream_url", "")
-        yield sse_error(error)
+        yield sse_error(error) if translator is None else translator.failed(stream_error(error))
     except BaseException:
         status, error_code = 499, "client_disconnected"
         raise
@@ -96,10 +129,12 @@ async def guarded(stream: Stream, on_end: Any, upstreams: list[Any]) -> AsyncIte
             await stream.aclose()
         finally:  # even if a cancellation interrupts the close: on_end must run
             await on_end(status, error_code, upstream_url)
-    yield SSE_DONE
+    if translator is None:
+        yield SSE_DONE
 
 
-async def stream_response(stream: Stream, ctx: RequestContext) -> StreamingHttpResponse:
+async def stream_response(stream: Stream, ctx: RequestContext,
+                          translator: EventTranslator | None = None) -> StreamingHttpResponse:
     """The one owner of a streamed request's end: the SSE response for an upstream's `stream`.
 
     It counts the stream in flight, guards it (see guarded: an error becomes one event, then
@@ -107,6 +142,7 @@ async def stream_response(stream: Stream, ctx: RequestContext) -> StreamingHttpR
     a started generator is finalised even if the client goes away before the server iterates
     it, an unstarted one would leak its upstream. However the stream ends, the tokens produced
     so far (`stream.usage`) are recorded, the stream closed and the request finished.
+    A `translator` frames the stream in its own events (see guarded).
     """
     stream_started(ctx)
     upstreams = [stream]
@@ -122,7 +158,7 @@ async def stream_response(stream: Stream, ctx: RequestContext) -> StreamingHttpR
         finally:  # a client leaving as the stream ends cancels this await: finish all the same
             ctx.finish(status, error_code)
 
-    guarded_events = guarded(stream, on_end, upstreams)
+    guarded_events = guarded(stream, on_end, upstreams, translator)
     # The server may never iterate the response (its task cancelled before or as it starts
     # sending): the API handler then closes the stream through this (handler.py).
     ctx.close_stream = guarded_events.aclose

@@ -36,15 +36,17 @@ async def admit_model(request: HttpRequest, router: Router, call: Any) -> None:
     await admit(request.ctx, demand_of(call, len(request.body)))
 
 
-async def respond(request: HttpRequest, result: Any) -> HttpResponse:
-    """The router's Answer as JSON, or its Stream as server-sent events."""
+async def respond(request: HttpRequest, result: Any, answer: Any = None, translator: Any = None) -> HttpResponse:
+    """The router's Answer as JSON, or its Stream as server-sent events. Another API bridged onto
+    these (the Responses API) gives `answer` (async: an Answer -> its JSON) and a `translator`
+    (streaming.EventTranslator: the stream's events)."""
     ctx = request.ctx
     if isinstance(result, Answer):
         ctx.mark_first_token()
         ctx.add_usage(result.usage)
-        return json_response(result.body)
+        return json_response(result.body if answer is None else await answer(result))
     ctx.streamed = True
-    return await stream_response(result, ctx)
+    return await stream_response(result, ctx, translator)
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
