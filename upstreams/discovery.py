@@ -16,7 +16,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
@@ -34,7 +33,9 @@ def list_models(upstream: Upstream, adapter: Any = None) -> list:
         from upstreams.registry import readable_key, spec_of
 
         adapter = adapter_for(spec_of(upstream, readable_key(upstream)))
-    return async_to_sync(adapter.list_models)()
+    from upstreams.transport import call_from_sync
+
+    return call_from_sync(adapter.list_models)
 
 
 def discover(upstream: Upstream, *, adapter: Any = None, actor: Any = None) -> list[str]:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from asgiref.sync import async_to_sync
-
 STATES = ("healthy", "cooling_down", "credentials_rejected", "unreachable", "disabled", "unknown")
 LABELS = {state: state.replace("_", " ") for state in STATES}
 MAX_ERROR_CHARS = 300
@@ -40,10 +38,12 @@ class ProbeResult:
 
 def _resolve(value: Any) -> Any:
     if inspect.isawaitable(value):
+        from upstreams.transport import call_from_sync
+
         async def wait():
             return await value
 
-        return async_to_sync(wait)()
+        return call_from_sync(wait)
     return value
 
 

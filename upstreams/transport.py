@@ -7,26 +7,41 @@ cost more CPU than the call itself here and are not needed for a known upstream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
+from asgiref.sync import async_to_sync
 from httpx_aiohttp import AiohttpTransport
 
 _transports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport] = (
     weakref.WeakKeyDictionary()
 )
 _test_transport: httpx.AsyncBaseTransport | None = None
+# A one-off call from sync code (call_from_sync) uses a transport of its own.
+_private: contextvars.ContextVar[httpx.AsyncBaseTransport | None] = contextvars.ContextVar(
+    "private_transport", default=None
+)
+
+T = TypeVar("T")
+
+
+def new_transport() -> httpx.AsyncBaseTransport:
+    return AiohttpTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
 
 
 def get_transport() -> httpx.AsyncBaseTransport:
     """The process's pooled transport for the running event loop, built on first use."""
+    private = _private.get()
+    if private is not None:
+        return private
     loop = asyncio.get_running_loop()
     transport = _transports.get(loop)
     if transport is None:
-        transport = _test_transport or AiohttpTransport(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        )
+        transport = _test_transport or new_transport()
         _transports[loop] = transport
     return transport
 
@@ -37,6 +52,28 @@ async def close_transport() -> None:
     transport = _transports.pop(asyncio.get_running_loop(), None)
     if transport is not None and transport is not _test_transport:
         await transport.aclose()
+
+
+def call_from_sync(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run an adapter's coroutine from sync code (the admin's "test now" and "discover", `manage.py
+    upstreams test|discover`) through a transport of its own, closed when it returns.
+
+    async_to_sync runs it on the server's loop when there is one (an admin view under ASGI) and on a
+    loop of its own otherwise (a management command): the pooled transport may not be closed in the
+    first case and would be left unclosed in the second ("Unclosed client session").
+    """
+
+    async def run() -> T:
+        transport = _test_transport or new_transport()
+        token = _private.set(transport)
+        try:
+            return await function(*args)
+        finally:
+            _private.reset(token)
+            if transport is not _test_transport:
+                await transport.aclose()
+
+    return async_to_sync(run)()
 
 
 def reset_http_client(transport: httpx.AsyncBaseTransport | None = None) -> None:
