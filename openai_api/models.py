@@ -22,8 +22,11 @@ from django.utils import timezone
 
 from keys.models import APIKey
 
-# Response and item ids: "resp_…", "msg_…", "fc_…"; OpenAI's are about 50 characters.
+# Response ids: "resp_…" (OpenAI's are about 50 characters, the gateway's 27).
 MAX_ID_LENGTH = 100
+# Input item ids: the gateway's ("msg_…", "fc_…") or the client's, up to the request's bound
+# (openai_api/responses/request.py).
+MAX_ITEM_ID_LENGTH = 256
 MAX_MODEL_LENGTH = 200
 MAX_STATUS_LENGTH = 16
 
@@ -63,7 +66,7 @@ class StoredInputItem(models.Model):
                                  db_index=False)  # the (response, position) constraint's index serves it
     position = models.PositiveIntegerField()
     # The item's "id" ("" when it has none that fits): the cursor of input_items' after/before.
-    item_id = models.CharField(max_length=MAX_ID_LENGTH, blank=True)
+    item_id = models.CharField(max_length=MAX_ITEM_ID_LENGTH, blank=True)
     # The item as JSON text (see the module's docstring).
     body = models.TextField()
 
