@@ -110,6 +110,12 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class PreviousResponseNotFoundError(NotFoundError):
+    """A `previous_response_id` the key has no stored response for (openai_api/responses/store.py)."""
+
+    code = "previous_response_not_found"
+
+
 class MethodNotAllowedError(OpenAIError):
     status_code = 405
     error_type = "invalid_request_error"
@@ -164,6 +170,11 @@ class KeyLookupUnavailableError(ServiceUnavailableError):
 class LimitsUnavailableError(ServiceUnavailableError):
     code = "limits_unavailable"
     default_message = "The gateway cannot check this key's rate limits right now. Please retry later."
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    code = "store_unavailable"
+    default_message = "The gateway cannot reach its store of responses right now. Please retry later."
 
 
 class UpstreamError(OpenAIError):

@@ -5,6 +5,7 @@ from django.urls import path, register_converter
 from openai_api import openapi, views
 from openai_api.observability import metrics_view
 from openai_api.responses.create import create_response
+from openai_api.responses.retrieve import input_items_view, response_view
 
 
 class AnyTextConverter:
@@ -30,6 +31,8 @@ urlpatterns = [
     path("v1/chat/completions", views.chat_completions),
     path("v1/completions", views.completions_view),
     path("v1/responses", create_response),
+    path("v1/responses/<str:id>", response_view),
+    path("v1/responses/<str:id>/input_items", input_items_view),
     path("v1/embeddings", views.embeddings),
     path("v1/engines/<anytext:model_name>/embeddings", views.embeddings),
     path("api/v1/token_check", views.token_check),

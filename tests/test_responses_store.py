@@ -3,12 +3,16 @@ a response is read, chained, listed and deleted only with its key; ids are check
 query; the chain is read in a bounded number of queries; pruning; the admin is read-only."""
 from __future__ import annotations
 
-from asgiref.sync import async_to_sync
+from unittest import mock
+
+from asgiref.sync import async_to_sync, sync_to_async
 from django.test import override_settings
 
-from keys.models import APIKey
-from openai_api.errors import ContextLengthError, InvalidRequestError, NotFoundError
+from keys.models import APIKey, UsageRecord
+from keys.usage import usage_writer
+from openai_api.errors import ContextLengthError, InvalidRequestError, NotFoundError, StoreUnavailableError
 from openai_api.models import StoredInputItem, StoredResponse
+from openai_api.observability import endpoint_label
 from openai_api.responses import store
 from tests.base import GatewayTestCase
 
@@ -98,3 +102,143 @@ class StoreTests(GatewayTestCase):
         row = await StoredResponse.objects.aget(response_id="resp_nul")
         self.assertEqual(len(row.model), 200)
         self.assertEqual([item.item_id async for item in StoredInputItem.objects.order_by("position")], ["", ""])
+
+
+class EndpointTests(GatewayTestCase):
+    """GET/DELETE /v1/responses/{id} and GET /v1/responses/{id}/input_items through the API handler."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.other, other_plaintext = APIKey.objects.create_key("bob")
+        self.other_auth = {"Authorization": f"Bearer {other_plaintext}"}
+        self.items = [message(f"msg_{n}", f"Q{n}") for n in range(5)]
+
+    async def stored(self, response_id: str = "resp_abc") -> dict:
+        answer = response(response_id, "A", metadata={"k": "v"})
+        await store.save(self.key, answer, self.items)
+        return answer
+
+    async def delete(self, path: str, **headers):
+        return await self.async_client.delete(path, headers={**self.auth, **headers})
+
+    async def test_get_answers_the_response_as_stored(self):
+        answer = await self.stored()
+        got = await self.get("/v1/responses/resp_abc")
+        self.assertEqual(got.status_code, 200, got.content)
+        self.assertEqual(got["Content-Type"], "application/json")
+        self.assertEqual(got.json(), answer)
+
+    async def test_another_key_gets_the_404_of_an_id_that_never_existed(self):
+        await self.stored()
+        for path in ("/v1/responses/{}", "/v1/responses/{}/input_items"):
+            theirs = await self.async_client.get(path.format("resp_abc"), headers=self.other_auth)
+            never = await self.async_client.get(path.format("resp_abd"), headers=self.other_auth)
+            self.assertError(theirs, 404, code="not_found")
+            self.assertEqual(theirs.content.replace(b"resp_abc", b"X"), never.content.replace(b"resp_abd", b"X"))
+        self.assertError(await self.async_client.delete("/v1/responses/resp_abc", headers=self.other_auth), 404)
+        self.assertEqual((await self.get("/v1/responses/resp_abc")).status_code, 200)  # still there
+
+    async def test_delete_removes_it_and_its_items_once(self):
+        await self.stored()
+        deleted = await self.delete("/v1/responses/resp_abc")
+        self.assertEqual(deleted.status_code, 200, deleted.content)
+        self.assertEqual(deleted.json(), {"id": "resp_abc", "object": "response", "deleted": True})
+        self.assertError(await self.get("/v1/responses/resp_abc"), 404)
+        self.assertError(await self.get("/v1/responses/resp_abc/input_items"), 404)
+        self.assertError(await self.delete("/v1/responses/resp_abc"), 404)
+        self.assertEqual(await StoredInputItem.objects.acount(), 0)
+
+    async def test_junk_ids_get_400_naming_the_parameter(self):
+        for junk in ("abc", "resp_" + "a" * 96, "resp_a%20b", "msg_1", "resp_%00"):
+            with self.subTest(junk=junk):
+                body = self.assertError(await self.get(f"/v1/responses/{junk}"), 400, param="response_id")
+                self.assertNotIn(junk, body["error"]["message"])
+                self.assertError(await self.delete(f"/v1/responses/{junk}"), 400, param="response_id")
+                self.assertError(await self.get(f"/v1/responses/{junk}/input_items"), 400, param="response_id")
+
+    async def test_other_methods_get_405(self):
+        self.assertError(await self.post("/v1/responses/resp_abc", {}), 405)
+        self.assertError(await self.async_client.delete("/v1/responses/resp_abc/input_items",
+                                                        headers=self.auth), 405)
+
+    async def test_without_a_key_401(self):
+        await self.stored()
+        self.assertError(await self.async_client.get("/v1/responses/resp_abc"), 401)
+
+    async def page(self, query: str = "", status: int = 200) -> dict:
+        got = await self.get(f"/v1/responses/resp_abc/input_items{query}")
+        self.assertEqual(got.status_code, status, got.content)
+        return got.json()
+
+    async def test_input_items_are_paginated_as_openai(self):
+        await self.stored()
+        ids = [item["id"] for item in self.items]
+
+        def shown(page):
+            return [item["id"] for item in page["data"]], page["first_id"], page["last_id"], page["has_more"]
+
+        everything = await self.page()
+        self.assertEqual(everything["object"], "list")
+        self.assertEqual(everything["data"][0], self.items[-1])  # newest first by default, as stored
+        self.assertEqual(shown(everything), (ids[::-1], "msg_4", "msg_0", False))
+        self.assertEqual(shown(await self.page("?limit=2")), (["msg_4", "msg_3"], "msg_4", "msg_3", True))
+        self.assertEqual(shown(await self.page("?limit=2&after=msg_3")), (["msg_2", "msg_1"], "msg_2", "msg_1", True))
+        self.assertEqual(shown(await self.page("?limit=2&after=msg_1")), (["msg_0"], "msg_0", "msg_0", False))
+        self.assertEqual(shown(await self.page("?order=asc&limit=3")), (ids[:3], "msg_0", "msg_2", True))
+        self.assertEqual(shown(await self.page("?order=asc&after=msg_2")), (ids[3:], "msg_3", "msg_4", False))
+        # `before`: the items just before the cursor in the listing's order, in that order.
+        self.assertEqual(shown(await self.page("?order=asc&before=msg_3&limit=2")),
+                         (["msg_1", "msg_2"], "msg_1", "msg_2", True))
+        self.assertEqual(shown(await self.page("?before=msg_1&limit=2")), (["msg_3", "msg_2"], "msg_3", "msg_2", True))
+        self.assertEqual(shown(await self.page("?before=msg_3")), (["msg_4"], "msg_4", "msg_4", False))
+        self.assertEqual(shown(await self.page("?after=msg_4&before=msg_1")), (["msg_3", "msg_2"], "msg_3", "msg_2",
+                                                                                 False))
+        self.assertEqual(shown(await self.page("?after=msg_0")), ([], None, None, False))
+        self.assertEqual(shown(await self.page("?limit=100&include[]=message.input_image.image_url")),
+                         (ids[::-1], "msg_4", "msg_0", False))
+
+    async def test_input_items_parameters_are_checked(self):
+        await self.stored()
+        for query, param in (("?limit=0", "limit"), ("?limit=101", "limit"), ("?limit=abc", "limit"),
+                             ("?limit=+5", "limit"), ("?limit=", "limit"), ("?order=newest", "order"),
+                             ("?after=msg_9", "after"), ("?before=" + "x" * 257, "before"), ("?after=%00", "after")):
+            with self.subTest(query=query):
+                self.assertError(await self.get(f"/v1/responses/resp_abc/input_items{query}"), 400, param=param)
+
+    async def test_a_database_failure_is_a_503_in_openais_shape(self):
+        from django.db import OperationalError
+        await self.stored()
+        with mock.patch.object(store, "read_body", side_effect=OperationalError("server closed the connection")):
+            body = self.assertError(await self.get("/v1/responses/resp_abc"), 503, code="store_unavailable")
+        self.assertEqual(body["error"]["type"], "server_error")
+        with mock.patch.object(store, "delete_now", side_effect=OperationalError("down")):
+            self.assertError(await self.delete("/v1/responses/resp_abc"), 503, code="store_unavailable")
+        with mock.patch.object(store, "read_items", side_effect=OperationalError("down")):
+            got = await self.get("/v1/responses/resp_abc/input_items")
+            self.assertError(got, 503, code="store_unavailable")
+            self.assertEqual(got["Retry-After"], "1")
+        with mock.patch.object(store, "read_conversation", side_effect=OperationalError("down")), \
+                self.assertRaises(StoreUnavailableError):
+            await store.conversation_before(self.key, "resp_abc")
+        with mock.patch.object(store, "save_now", side_effect=OperationalError("down")), \
+                self.assertRaises(StoreUnavailableError):
+            await store.save(self.key, response("resp_new", "A"), [])
+
+    async def test_usage_rows_and_metrics_name_the_route_never_the_id(self):
+        await self.stored()
+        await self.get("/v1/responses/resp_abc")
+        await self.get("/v1/responses/resp_abc/input_items")
+        await self.delete("/v1/responses/resp_abc")
+        await self.get("/v1/responses/resp_zzz")
+        await sync_to_async(usage_writer.flush)()
+        rows = [row async for row in UsageRecord.objects.filter(key=self.key).order_by("pk")
+                .values_list("endpoint", "status")]
+        self.assertEqual(rows, [("/v1/responses/{id}", 200), ("/v1/responses/{id}/input_items", 200),
+                                ("/v1/responses/{id}", 200), ("/v1/responses/{id}", 404)])
+        metrics = (await self.async_client.get("/metrics")).content.decode()
+        self.assertIn('endpoint="/v1/responses/{id}"', metrics)
+        self.assertIn('endpoint="/v1/responses/{id}/input_items"', metrics)
+        self.assertNotIn("resp_abc", metrics)
+        self.assertNotIn("resp_zzz", metrics)
+        self.assertEqual(endpoint_label("/v1/responses/resp_abc"), "/v1/responses/{id}")
+        self.assertEqual(endpoint_label("/v1/responses/resp_abc/input_items"), "/v1/responses/{id}/input_items")

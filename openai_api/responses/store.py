@@ -4,13 +4,14 @@ deleted, only ever by the key that created them (openai_api/models.py; docs/resp
 Every function here is async and reaches the database through sync_to_async on the thread the
 gateway's other database reads use (auth.py, pricing.py), recycling its connection first (the API
 handler runs no request signals that would). A database that fails answers 503 in OpenAI's shape
-(ServiceUnavailableError), never 500.
+(StoreUnavailableError), never 500.
 
 Another key's response is absent: every read filters on (response id, key) in one query, so an id
 that never existed and another key's id take the same path and get the same 404.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -25,7 +26,13 @@ from django.db import Error as DatabaseError
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
-from openai_api.errors import ContextLengthError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from openai_api.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    NotFoundError,
+    PreviousResponseNotFoundError,
+    StoreUnavailableError,
+)
 from openai_api.models import (
     MAX_ID_LENGTH,
     MAX_ITEM_ID_LENGTH,
@@ -76,12 +83,14 @@ def check_item_id(value: Any, param: str) -> str:
 
 
 def not_found(response_id: str) -> NotFoundError:
-    return NotFoundError(f"Response with id '{response_id}' not found.", code="not_found")
+    return NotFoundError(f"Response with id '{response_id}' not found.")
 
 
 # Running on the database thread -------------------------------------------------------------------
 
-STORE_UNAVAILABLE = "The gateway cannot reach its store of responses right now. Please retry later."
+# A database that hangs (a stopped server, a lock) answers 503 after this long; the query stays
+# with its thread (as the key look-ups' do, openai_api/auth.py) and its result is dropped.
+STORE_TIMEOUT = 10.0
 
 
 async def in_database(function: Callable[..., T], *args: Any) -> T:
@@ -90,13 +99,15 @@ async def in_database(function: Callable[..., T], *args: Any) -> T:
         close_old_connections()  # this thread has no request cycle to recycle broken connections
         return function(*args)
 
+    query = asyncio.ensure_future(sync_to_async(run, thread_sensitive=True)())
     try:
-        return await sync_to_async(run, thread_sensitive=True)()
-    except DatabaseError as exc:
+        # Shielded: a client that leaves does not cut a save short (the thread would finish it anyway).
+        return await asyncio.wait_for(asyncio.shield(query), STORE_TIMEOUT)
+    except (DatabaseError, TimeoutError) as exc:
+        query.add_done_callback(lambda done: done.cancelled() or done.exception())
         logger.warning("Responses store: the database failed (%s: %s)", type(exc).__name__,
                        (str(exc).splitlines() or [""])[0][:200])
-        raise ServiceUnavailableError(STORE_UNAVAILABLE, code="store_unavailable",
-                                      headers={"Retry-After": "1"}) from None
+        raise StoreUnavailableError(headers={"Retry-After": "1"}) from None
 
 
 def key_id(key: Any) -> int:
@@ -202,8 +213,8 @@ def read_conversation(key_id: int, response_id: str, truncate: bool, bounds: Cha
                        [response_id, key_id, key_id, bounds.responses, bounds.bytes, bounds.items])
         rows = cursor.fetchall()
     if not rows:
-        raise NotFoundError(f"Previous response with id '{response_id}' not found.",
-                            param="previous_response_id", code="previous_response_not_found")
+        raise PreviousResponseNotFoundError(f"Previous response with id '{response_id}' not found.",
+                                            param="previous_response_id")
     within = [pk for pk, depth, size, items in rows
               if depth <= bounds.responses and size <= bounds.bytes and items <= bounds.items]
     if len(within) < len(rows) and not truncate:
