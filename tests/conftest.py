@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.services import ServiceUnavailable, require_service, under_services_wrapper
+from tests.services import ServiceUnavailable, redis_server, require_service, under_services_wrapper
 
 
 def pytest_configure(config) -> None:
@@ -17,6 +17,21 @@ def pytest_configure(config) -> None:
 def pytest_runtest_setup(item) -> None:
     for mark in item.iter_markers("requires_service"):
         require_service(*mark.args, **mark.kwargs)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis for one module: the wrapper's (python -m tests.services) or a throwaway server."""
+    from django.conf import settings
+
+    if settings.REDIS_URL and under_services_wrapper():
+        yield settings.REDIS_URL
+        return
+    try:
+        with redis_server() as server:
+            yield server.url
+    except ServiceUnavailable as exc:
+        require_service("Redis", False, str(exc))
 
 
 @pytest.fixture(scope="module")

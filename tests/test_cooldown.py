@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.services import ServiceUnavailable, redis_server, require_service, under_services_wrapper
 from upstreams.cooldown import CLOSED, HALF_OPEN, OPEN, REJECTED, BreakerPolicy, Breakers
 from upstreams.shared_state import MemoryTables, RedisTables
 
@@ -118,20 +117,6 @@ def test_failures_while_open_do_not_extend_the_cooldown():
 
 
 # On Redis: two processes' views.
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    from django.conf import settings
-
-    if settings.REDIS_URL and under_services_wrapper():
-        yield settings.REDIS_URL
-        return
-    try:
-        with redis_server() as server:
-            yield server.url
-    except ServiceUnavailable as exc:
-        require_service("Redis", False, str(exc))
-
 
 @pytest.fixture
 def two_processes(redis_url) -> Iterator[tuple[RedisTables, RedisTables]]:
