@@ -70,7 +70,9 @@ async def create_response(request: HttpRequest) -> HttpResponse:
     responses_request = parse_request(read_json(request))
     history: list[dict[str, Any]] = []
     if responses_request.previous_response_id is not None:
-        history = await store_module().conversation_before(ctx.key, responses_request.previous_response_id)
+        # A chain beyond the store's bounds is refused, or with truncation "auto" cut to its newest responses.
+        history = await store_module().conversation_before(ctx.key, responses_request.previous_response_id,
+                                                           truncate=responses_request.truncation == "auto")
     call = chat_call(responses_request, history)
     router = get_router()
     with named_for_responses():
@@ -121,15 +123,20 @@ def context_too_small(exc: UpstreamFailure) -> bool:
 def truncated(history: list[dict[str, Any]], items: tuple[dict[str, Any], ...],
               turns: int) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]] | None:
     """The conversation without its oldest `turns` turns (a turn ends before the next user
-    message), never leaving a function call's output without its call; None if nothing would
-    remain. Returned as (history, input items) so that the new input is kept apart.
+    message), never the last turn, never leaving a function call's output without its call; None
+    if nothing can be dropped. Returned as (history, input items) so that the new input is kept apart.
     (The instructions are not items: they are never dropped.)"""
     conversation = [*history, *items]
+    # The last turn (from the last user message on) is what is being answered: never dropped.
+    last = max((i for i, item in enumerate(conversation) if is_user_message(item)), default=len(conversation) - 1)
     cut = 0
     for _ in range(turns):
         cut += 1
         while cut < len(conversation) and not is_user_message(conversation[cut]):
             cut += 1
+    cut = min(cut, last)
+    if cut == 0:
+        return None
     kept = conversation[cut:]
     calls = {item["call_id"] for item in kept if item["type"] == "function_call"}
     kept = [item for item in kept if item["type"] != "function_call_output" or item["call_id"] in calls]
