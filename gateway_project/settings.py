@@ -369,3 +369,5 @@ USAGE_MAX_PENDING = env_int("USAGE_MAX_PENDING", 120_000)
 # Tests write usage on their own thread (the test database lives in one transaction).
 USAGE_WRITER_THREAD = env_bool("USAGE_WRITER_THREAD", "True")
 USAGE_RETENTION_DAYS = env_int("USAGE_RETENTION_DAYS", 90)
+# Stored /v1/responses responses older than this are pruned with the usage rows (0: kept).
+RESPONSES_RETENTION_DAYS = env_int("RESPONSES_RETENTION_DAYS", 30)

@@ -352,21 +352,21 @@ class UsageWriter:
             self._failures, self._retry_at = 0, 0.0
 
     def _prune_safely(self) -> bool:
-        """Apply USAGE_RETENTION_DAYS (0 keeps every row). Every process does it once a day;
-        a second delete of the same old rows finds nothing. False when the database was
-        unreachable (an outage, not a bug: a warning, and another try in PRUNE_RETRY s)."""
-        if settings.USAGE_RETENTION_DAYS <= 0:
-            return True
-        try:
-            deleted = prune(settings.USAGE_RETENTION_DAYS)
-            if deleted:
-                logger.info("Pruned %d usage rows older than %d days", deleted, settings.USAGE_RETENTION_DAYS)
-        except UNREACHABLE as exc:
-            logger.warning("Usage pruning: database unreachable (%s); tried again in %.0f s",
-                           type(exc).__name__, PRUNE_RETRY)
-            return False
-        except Exception:
-            logger.exception("Usage pruning failed; it is tried again in a day")
+        """Apply USAGE_RETENTION_DAYS (0 keeps every row), then the other apps' retention
+        (prune_steps). Every process does it once a day; a second delete of the same old rows
+        finds nothing. False when the database was unreachable (an outage, not a bug: a
+        warning, and another try in PRUNE_RETRY s)."""
+        for name, step in (("usage", prune_usage_rows), *prune_steps.items()):
+            try:
+                deleted = step()
+                if deleted:
+                    logger.info("Pruned %d %s row(s) past their retention", deleted, name)
+            except UNREACHABLE as exc:
+                logger.warning("Pruning (%s): database unreachable (%s); tried again in %.0f s",
+                               name, type(exc).__name__, PRUNE_RETRY)
+                return False
+            except Exception:
+                logger.exception("Pruning (%s) failed; it is tried again in a day", name)
         return True
 
 
@@ -397,3 +397,18 @@ def prune(retention_days: int) -> int:
     cutoff = timezone.now() - timedelta(days=retention_days)
     deleted, _ = UsageRecord.objects.filter(created_at__lt=cutoff).delete()
     return deleted
+
+
+def prune_usage_rows() -> int:
+    days = settings.USAGE_RETENTION_DAYS
+    return prune(days) if days > 0 else 0  # module-level `prune`: tests replace it
+
+
+# Other apps' retention, applied with the usage rows' by the writer thread: name -> a function
+# that deletes its rows past their retention (its own setting) and returns how many. The
+# openai_api app registers its stored responses' (keys/ imports nothing of openai_api).
+prune_steps: dict[str, Callable[[], int]] = {}
+
+
+def register_prune_step(name: str, step: Callable[[], int]) -> None:
+    prune_steps[name] = step

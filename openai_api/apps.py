@@ -17,6 +17,7 @@ class OpenAIAPIConfig(AppConfig):
     def ready(self) -> None:
         checks.register(settings_check)
         register_process_state()
+        register_retention()
 
 
 def register_process_state() -> None:
@@ -28,6 +29,15 @@ def register_process_state() -> None:
     register_router()
     # Held by name in auth.py: emptied in place.
     state.provide("key_cache", lambda: key_cache, clear=lambda cache: cache.clear())
+
+
+def register_retention() -> None:
+    """Stored responses are pruned after RESPONSES_RETENTION_DAYS with the usage rows, by the
+    usage writer's daily pruning (keys/usage.py prune_steps)."""
+    from keys.usage import register_prune_step
+    from openai_api.responses.store import prune_step
+
+    register_prune_step("stored response", prune_step)
 
 
 def settings_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:

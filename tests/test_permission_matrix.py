@@ -1,7 +1,7 @@
 """Who may do what, as a matrix: every console route, every staff API endpoint (keys, upstreams,
 upstream models) and every admin page (index, login, logout, password change, the pages of each
-registered model: keys, teams, usage, prices, upstreams, users, groups, login attempts, TOTP
-devices, ...) × anonymous, viewer, member and
+registered model: keys, teams, usage, prices, upstreams, stored responses, users, groups, login
+attempts, TOTP devices, ...) × anonymous, viewer, member and
 owner (of team "red", not staff), staff without permissions, staff with view permissions only,
 and a superuser. Each cell asserts the status, and for lists which rows are visible.
 
@@ -28,6 +28,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from keys import audit
 from keys.models import APIKey, Membership, Price, Team, UsageDaily, UsageRecord
+from openai_api.models import StoredResponse
 from upstreams.models import Upstream, UpstreamModel
 
 # Staff "view-only" holds the view permissions of these apps' models.
@@ -55,10 +56,10 @@ class Route:
 
 
 class Cast:
-    """Teams red and blue, a key in each and one without a team, a usage row, a price, an upstream
-    and its model, a group, login-attempt rows, a TOTP device, and one user per principal. Every
-    model with an admin needs a row here, so that its change, history and delete pages are in the
-    matrix."""
+    """Teams red and blue, a key in each and one without a team, a usage row, a price, a stored
+    response, an upstream and its model, a group, login-attempt rows, a TOTP device, and one user
+    per principal. Every model with an admin needs a row here, so that its change, history and
+    delete pages are in the matrix."""
 
     def __init__(self) -> None:
         self.red = Team.objects.create(name="red", allowed_models=["m1"], requests_per_minute=100)
@@ -68,6 +69,8 @@ class Cast:
         self.loose_key, _ = APIKey.objects.create_key("no-team-app")
         UsageRecord.objects.create(key=self.red_key, model="m1", endpoint="/v1/chat/completions",
                                    request_id="req-1", status=200, currency="")
+        StoredResponse.objects.create(key=self.red_key, response_id="resp_1", model="m1", status="completed",
+                                      body='{"id": "resp_1", "object": "response", "output": []}')
         Price.objects.create(model="m1", input_per_million=Decimal("1"), output_per_million=Decimal("2"))
         UsageDaily.objects.create(key=self.red_key, model="m1", day=timezone.now().date(), requests=1,
                                   currency="USD", cost=Decimal("0.5"))
@@ -275,7 +278,7 @@ ADMIN_EXTRA = [
         ContentType.objects.get_for_model(Team).pk, cast.red.pk]), {**ADMIN_DENIED}, default=404),
     # Unnamed: an unknown admin address is a 404, once past the admin's gate.
     Route("(catch-all)", "get", lambda cast: "/admin/nowhere/", {**ADMIN_DENIED}, default=404),
-    *(app_list(app) for app in ("keys", "upstreams", "auth", "axes", "otp_totp")),
+    *(app_list(app) for app in ("keys", "upstreams", "openai_api", "auth", "axes", "otp_totp")),
     Route("auth_user_password_change", "get",
           lambda cast: reverse("admin:auth_user_password_change", args=[cast.users["viewer"].pk]),
           STAFF_ONLY, default=200),

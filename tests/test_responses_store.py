@@ -3,10 +3,16 @@ a response is read, chained, listed and deleted only with its key; ids are check
 query; the chain is read in a bounded number of queries; pruning; the admin is read-only."""
 from __future__ import annotations
 
+import io
+from datetime import timedelta
 from unittest import mock
 
 from asgiref.sync import async_to_sync, sync_to_async
-from django.test import override_settings
+from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
+from django.test import TestCase, override_settings
+from django.urls import reverse
+from django.utils import timezone
 
 from keys.models import APIKey, UsageRecord
 from keys.usage import usage_writer
@@ -242,3 +248,87 @@ class EndpointTests(GatewayTestCase):
         self.assertNotIn("resp_zzz", metrics)
         self.assertEqual(endpoint_label("/v1/responses/resp_abc"), "/v1/responses/{id}")
         self.assertEqual(endpoint_label("/v1/responses/resp_abc/input_items"), "/v1/responses/{id}/input_items")
+
+
+class AdminTests(TestCase):
+    """Read-only for everybody, the superuser included; searchable by response id and key."""
+
+    def setUp(self) -> None:
+        self.key, _ = APIKey.objects.create_key("alice-app")
+        self.other, _ = APIKey.objects.create_key("bob-app")
+        async_to_sync(store.save)(self.key, response("resp_alice1", "A <b>1</b>"), [message("msg_q", "Q <i>")])
+        async_to_sync(store.save)(self.other, response("resp_bob1", "B"), [])
+        self.client.force_login(User.objects.create_superuser("root", "root@example.com", None))
+        self.row = StoredResponse.objects.get(response_id="resp_alice1")
+
+    def listed(self, **query) -> set[str]:
+        page = self.client.get(reverse("admin:openai_api_storedresponse_changelist"), query)
+        self.assertEqual(page.status_code, 200)
+        return {rid for rid in ("resp_alice1", "resp_bob1") if f">{rid}<" in page.content.decode()}
+
+    def test_the_list_is_searchable_by_response_id_and_key(self):
+        self.assertEqual(self.listed(), {"resp_alice1", "resp_bob1"})
+        self.assertEqual(self.listed(q="resp_bob1"), {"resp_bob1"})
+        self.assertEqual(self.listed(q="resp_bob"), set())  # ids match exactly
+        self.assertEqual(self.listed(q=self.key.prefix), {"resp_alice1"})
+        self.assertEqual(self.listed(q="bob-app"), {"resp_bob1"})
+
+    def test_a_response_shows_its_body_and_items_escaped(self):
+        page = self.client.get(reverse("admin:openai_api_storedresponse_change", args=[self.row.pk]))
+        self.assertEqual(page.status_code, 200)
+        self.assertContains(page, "A &lt;b&gt;1&lt;/b&gt;")
+        self.assertContains(page, "Q &lt;i&gt;")
+        self.assertNotContains(page, 'name="_save"')
+
+    def test_nobody_adds_changes_or_deletes(self):
+        for url in (reverse("admin:openai_api_storedresponse_add"),
+                    reverse("admin:openai_api_storedresponse_delete", args=[self.row.pk])):
+            self.assertEqual(self.client.get(url).status_code, 403)
+            self.assertEqual(self.client.post(url, {"post": "yes"}).status_code, 403)
+        change = reverse("admin:openai_api_storedresponse_change", args=[self.row.pk])
+        self.assertEqual(self.client.post(change, {"status": "failed"}).status_code, 403)
+        changelist = reverse("admin:openai_api_storedresponse_changelist")
+        self.client.post(changelist, {"action": "delete_selected", "_selected_action": [self.row.pk]})
+        self.row.refresh_from_db()
+        self.assertEqual(self.row.status, "completed")
+
+
+class RetentionTests(TestCase):
+    def setUp(self) -> None:
+        self.key, _ = APIKey.objects.create_key("alice-app")
+        for n in range(5):
+            async_to_sync(store.save)(self.key, response(f"resp_{n}", "A"), [message(f"m{n}", "Q")] * 3)
+        StoredResponse.objects.filter(response_id__in=["resp_0", "resp_1", "resp_2"]).update(
+            created_at=timezone.now() - timedelta(days=31))
+
+    def test_prune_deletes_old_responses_with_their_items_in_batches(self):
+        self.assertEqual(store.prune(30, batch=2), 3)
+        self.assertEqual(set(StoredResponse.objects.values_list("response_id", flat=True)), {"resp_3", "resp_4"})
+        self.assertEqual(StoredInputItem.objects.count(), 6)
+        self.assertEqual(store.prune(30), 0)
+
+    def test_the_usage_writers_daily_pruning_applies_the_setting(self):
+        with self.settings(RESPONSES_RETENTION_DAYS=0):
+            self.assertTrue(usage_writer._prune_safely())
+        self.assertEqual(StoredResponse.objects.count(), 5)
+        with self.settings(RESPONSES_RETENTION_DAYS=30), self.assertLogs("keys.usage", "INFO") as logs:
+            self.assertTrue(usage_writer._prune_safely())
+        self.assertEqual(StoredResponse.objects.count(), 2)
+        self.assertIn("Pruned 3 stored response row(s)", logs.output[-1])
+
+    def test_an_unreachable_database_is_retried_soon(self):
+        from django.db import OperationalError
+        with self.settings(RESPONSES_RETENTION_DAYS=30), \
+                mock.patch.object(store, "prune", side_effect=OperationalError("connection refused")), \
+                self.assertLogs("keys.usage", "WARNING"):
+            self.assertFalse(usage_writer._prune_safely())
+
+    def test_the_command(self):
+        out = io.StringIO()
+        with self.settings(RESPONSES_RETENTION_DAYS=40):
+            call_command("prune_responses", stdout=out)
+        self.assertIn("Deleted 0 stored response(s) older than 40 day(s).", out.getvalue())
+        call_command("prune_responses", "--days", "30", stdout=out)
+        self.assertIn("Deleted 3 stored response(s) older than 30 day(s).", out.getvalue())
+        with self.assertRaises(CommandError):
+            call_command("prune_responses", "--days", "0")
