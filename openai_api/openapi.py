@@ -20,6 +20,7 @@ from openai_api.protocol import INT32_MAX, INT64_MAX, INT64_MIN, TOKEN_ID_MAX
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/"
+MAX_RESPONSE_ID_CHARS = 100  # openai_api/models.py MAX_ID_LENGTH (the store's column)
 
 
 def ref(name: str) -> Schema:
@@ -253,11 +254,95 @@ def schemas() -> dict[str, Schema]:
                                                        {"type": "string"}]}}}},
             "usage": {"type": "object"},
         }},
+        **responses_schemas(max_chars),
         "TokenCheckResponse": {"type": "object", "required": ["prompts"], "properties": {"prompts": {
             "type": "array", "items": {"type": "object", "required": ["fits", "tokenCount", "contextLength"],
                                        "properties": {"fits": {"type": "boolean"},
                                                       "tokenCount": {"type": "integer"},
                                                       "contextLength": {"type": "integer"}}}}}},
+    }
+
+
+def responses_schemas(max_chars: int) -> dict[str, Schema]:
+    """The Responses API (openai_api/responses/, docs/responses.md). As for chat, what FastChat's
+    workers cannot do is described only empty or off: function tools, function_call and
+    function_call_output items and JSON formats need a tool-capable route (else a 400)."""
+    part_count = settings.GATEWAY_MAX_CONTENT_PARTS
+
+    def item_content(*parts: Schema) -> Schema:
+        return {"anyOf": [text(max_chars), {"type": "array", "maxItems": part_count, "items": {"anyOf": list(parts)}}]}
+
+    def input_message(roles: list[str], content_schema: Schema) -> Schema:
+        return {"type": "object", "required": ["role", "content"], "properties": {
+            "type": {"const": "message"}, "role": {"enum": roles}, "content": content_schema,
+            "id": text(256, minLength=1)}}
+
+    input_text = {"type": "object", "required": ["type", "text"],
+                  "properties": {"type": {"const": "input_text"}, "text": text(max_chars)}}
+    output_text = {"type": "object", "required": ["type", "text"],
+                   "properties": {"type": {"const": "output_text"}, "text": text(max_chars)}}
+    input_image = {"type": "object", "required": ["type", "image_url"], "properties": {
+        "type": {"const": "input_image"}, "image_url": {"type": "string", "minLength": 1},
+        "detail": {"enum": ["auto", "low", "high", None]}}}
+    response_id = {"type": "string", "pattern": f"^resp_[A-Za-z0-9_-]{{1,{MAX_RESPONSE_ID_CHARS - 5}}}$"}
+    return {
+        "ResponseInputItem": {"anyOf": [
+            input_message(["user"], item_content(input_text, input_image)),
+            input_message(["system", "developer"], item_content(input_text)),
+            input_message(["assistant"], item_content(output_text)),
+        ]},
+        "ResponseRequest": {
+            "type": "object",
+            "required": ["model", "input"],
+            "description": ("POST /v1/responses, bridged onto chat completions. Also: input items of type "
+                            "function_call and function_call_output, tools of type function, tool_choice "
+                            "'required' or a function, text.format json_object and json_schema, on routes "
+                            "that support tools and JSON modes. Hosted tools and background are refused."),
+            "properties": {
+                "model": model_name(),
+                "input": {"anyOf": [text(max_chars), {"type": "array", "minItems": 1,
+                                                      "maxItems": settings.GATEWAY_MAX_RESPONSE_ITEMS,
+                                                      "items": ref("ResponseInputItem")}]},
+                "instructions": nullable(text(max_chars)),
+                "previous_response_id": nullable(response_id),
+                "store": boolean(default=True),
+                "stream": boolean(),
+                "metadata": nullable({"type": "object", "maxProperties": 16, "propertyNames": {"maxLength": 64},
+                                      "additionalProperties": text(512)}),
+                "truncation": {"enum": ["disabled", "auto", None]},
+                "max_output_tokens": integer(1, INT32_MAX),
+                "temperature": number(0, 2),
+                "top_p": number(0, 1),
+                "user": nullable({"type": "string"}),
+                "parallel_tool_calls": boolean(),
+                "tools": nullable({"type": "array", "maxItems": 0}),
+                "tool_choice": {"enum": ["auto", "none", None]},
+                "text": nullable({"type": "object", "properties": {"format": nullable({
+                    "type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})}}),
+                "background": {"enum": [False, None]},
+            },
+        },
+        "Response": {
+            "type": "object",
+            "required": ["id", "object", "created_at", "status", "model", "output", "usage"],
+            "properties": {
+                "id": {"type": "string"}, "object": {"const": "response"}, "created_at": {"type": "integer"},
+                "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+                "model": {"type": "string"},
+                "output": {"type": "array", "items": {"type": "object", "required": ["id", "type", "status"]}},
+                "usage": nullable({"type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
+                                   "properties": {name: {"type": "integer", "minimum": 0} for name in
+                                                  ("input_tokens", "output_tokens", "total_tokens")}}),
+            },
+        },
+        "ResponseDeleted": {"type": "object", "required": ["id", "object", "deleted"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "response.deleted"}, "deleted": {"const": True}}},
+        "ResponseItemList": {"type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
+                             "properties": {
+                                 "object": {"const": "list"},
+                                 "data": {"type": "array", "items": {"type": "object", "required": ["id", "type"]}},
+                                 "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+                                 "has_more": {"type": "boolean"}}},
     }
 
 
@@ -275,23 +360,27 @@ ERRORS = {
 }
 
 
-def responses(ok: str | None, streams: bool = False, errors: tuple[str, ...] = tuple(ERRORS)) -> dict[str, Any]:
+CHUNK_EVENTS = ("Server-sent events: `data: {chunk}` lines, a failure as one `data: {\"error\": ...}` event, "
+                "then `data: [DONE]`.")
+RESPONSE_EVENTS = ("Server-sent events `event: <type>` + `data: {event}` with a strictly increasing "
+                   "sequence_number: response.created ... response.completed (or response.incomplete); a "
+                   "failure as response.failed. No `[DONE]`.")
+
+
+def responses(ok: str | None, streams: bool | str = False, errors: tuple[str, ...] = tuple(ERRORS)) -> dict[str, Any]:
     answers: dict[str, Any] = {}
     if ok:
         content: dict[str, Any] = {"application/json": {"schema": ref(ok)}}
         if streams:
             content["text/event-stream"] = {"schema": {
-                "type": "string",
-                "description": "Server-sent events: `data: {chunk}` lines, a failure as one "
-                               "`data: {\"error\": ...}` event, then `data: [DONE]`.",
-            }}
+                "type": "string", "description": streams if isinstance(streams, str) else CHUNK_EVENTS}}
         answers["200"] = {"description": "OK", "content": content}
     for status in errors:
         answers[status] = {"description": ERRORS[status], "content": {"application/json": {"schema": ref("Error")}}}
     return answers
 
 
-def post(summary: str, request: str, ok: str, streams: bool = False, parameters: list | None = None) -> dict:
+def post(summary: str, request: str, ok: str, streams: bool | str = False, parameters: list | None = None) -> dict:
     operation = {
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(request)}}},
@@ -304,6 +393,35 @@ def post(summary: str, request: str, ok: str, streams: bool = False, parameters:
 
 def path_parameter(name: str) -> dict:
     return {"name": name, "in": "path", "required": True, "schema": model_name()}
+
+
+def response_id_parameter() -> dict:
+    return {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+
+
+def stored_response_paths(read_errors: tuple[str, ...]) -> dict[str, Any]:
+    """GET/DELETE /v1/responses/{id} and its input items: the key's own stored responses only
+    (another key's is a 404, as an absent one)."""
+    errors = (*read_errors, "400")
+    page = [
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "before", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+        {"name": "order", "in": "query", "required": False, "schema": {"enum": ["asc", "desc"], "default": "desc"}},
+    ]
+    return {
+        "/v1/responses/{id}": {
+            "parameters": [response_id_parameter()],
+            "get": {"summary": "A stored response", "responses": responses("Response", errors=errors)},
+            "delete": {"summary": "Delete a stored response", "responses": responses("ResponseDeleted", errors=errors)},
+        },
+        "/v1/responses/{id}/input_items": {"get": {
+            "summary": "A stored response's input items, paginated as OpenAI does",
+            "parameters": [response_id_parameter(), *page],
+            "responses": responses("ResponseItemList", errors=errors),
+        }},
+    }
 
 
 @functools.cache
@@ -334,6 +452,9 @@ def document() -> dict[str, Any]:
                                         "TokenCheckRequest", "TokenCheckResponse"),
             "/api/v1/chat/completions": post("Chat completion with FastChat's extras (repetition_penalty)",
                                              "FastChatChatCompletionRequest", "ChatCompletion", streams=True),
+            "/v1/responses": post("Create a response (Responses API, bridged onto chat completions)",
+                                  "ResponseRequest", "Response", streams=RESPONSE_EVENTS),
+            **stored_response_paths(read_errors),
         },
         "components": {
             "schemas": schemas(),
