@@ -4,13 +4,16 @@ query; the chain is read in a bounded number of queries; pruning; the admin is r
 from __future__ import annotations
 
 import io
+import unittest
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from unittest import mock
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.test import TestCase, override_settings
+from django.db import connection
+from django.test import TestCase, TransactionTestCase, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -332,3 +335,78 @@ class RetentionTests(TestCase):
         self.assertIn("Deleted 3 stored response(s) older than 30 day(s).", out.getvalue())
         with self.assertRaises(CommandError):
             call_command("prune_responses", "--days", "0")
+
+
+# SQLite's in-memory test database refuses concurrent writers at once ("table is locked"); the
+# suite's PostgreSQL run (python -m tests.services -- ...) runs these.
+@unittest.skipUnless(connection.vendor == "postgresql", "concurrent writers: the PostgreSQL run")
+class ConcurrencyTests(TransactionTestCase):
+    """Saves, reads and deletes of the same responses from threads with connections of their own
+    (committed data, as between gateway processes): all or nothing is seen, one DELETE wins,
+    a chain survives the deletion of the response it follows."""
+
+    ITEMS = 5
+
+    def setUp(self) -> None:
+        self.key, _ = APIKey.objects.create_key("race")
+
+    def in_thread(self, function, *args):
+        try:
+            return async_to_sync(function)(*args)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def save(self, response_id: str, previous: str | None = None) -> None:
+        items = [message(f"{response_id}_m{n}", "Q") for n in range(self.ITEMS)]
+        self.in_thread(store.save, self.key, response(response_id, "A", previous), items)
+
+    def delete(self, response_id: str) -> bool:
+        try:
+            self.in_thread(store.delete, self.key, response_id)
+            return True
+        except NotFoundError:
+            return False
+
+    def read(self, response_id: str) -> int | None:
+        try:
+            page = self.in_thread(store.input_items, self.key, response_id, store.ItemsQuery(limit=100))
+        except NotFoundError:
+            return None
+        return len(page.items)
+
+    def test_saves_deletes_and_reads_racing(self):
+        ids = [f"resp_race{n}" for n in range(40)]
+        with ThreadPoolExecutor(8) as pool:
+            runs = [(rid, pool.submit(self.read, rid), pool.submit(self.save, rid), pool.submit(self.read, rid),
+                     pool.submit(self.delete, rid), pool.submit(self.delete, rid), pool.submit(self.read, rid))
+                    for rid in ids]
+            outcomes = [(rid, *(future.result() for future in futures)) for rid, *futures in runs]
+        stored = dict(StoredResponse.objects.values_list("response_id", "item_count"))
+        for rid, *reads_and_writes in outcomes:
+            first_read, _, second_read, deleted_once, deleted_twice, last_read = reads_and_writes
+            with self.subTest(rid=rid):
+                self.assertFalse(deleted_once and deleted_twice)  # one DELETE wins
+                for seen in (first_read, second_read, last_read):
+                    self.assertIn(seen, (None, self.ITEMS))  # all of it or nothing
+                if deleted_once or deleted_twice:
+                    self.assertNotIn(rid, stored)
+                else:  # both deletes came before the save committed
+                    self.assertEqual(stored[rid], self.ITEMS + 1)
+        present = StoredResponse.objects.count()
+        self.assertEqual(StoredInputItem.objects.count(), present * self.ITEMS)
+        self.assertEqual(StoredInputItem.objects.exclude(response__in=StoredResponse.objects.all()).count(), 0)
+        print(f"{len(ids) - present} of {len(ids)} responses deleted by the racing DELETEs")
+
+    def test_a_chain_is_saved_while_the_response_it_follows_is_deleted(self):
+        pairs = [(f"resp_first{n}", f"resp_next{n}") for n in range(30)]
+        for first, _ in pairs:
+            self.save(first)
+        with ThreadPoolExecutor(8) as pool:
+            saves = [pool.submit(self.save, second, first) for first, second in pairs]
+            deletes = [pool.submit(self.delete, first) for first, _ in pairs]
+            for future in [*saves, *deletes]:
+                self.assertIn(future.result(), (None, True))
+        for _, second in pairs:
+            items = self.in_thread(store.conversation_before, self.key, second)
+            self.assertEqual([item["id"] for item in items],
+                             [*(f"{second}_m{n}" for n in range(self.ITEMS)), f"msg_out_{second}"])

@@ -232,10 +232,11 @@ def read_conversation(key_id: int, response_id: str, truncate: bool, bounds: Cha
             inputs[pk].append(orjson.loads(body))
         outputs = dict(StoredResponse.objects.filter(pk__in=part).values_list("pk", "body"))
         for pk in part:
-            items += inputs[pk]
-            if pk in outputs:  # deleted since the walk: its input items are gone too
+            # Read after its items: a response deleted meanwhile (both go in one transaction) is
+            # left out whole, never half.
+            if pk in outputs:
                 output = orjson.loads(outputs[pk]).get("output")
-                items += output if isinstance(output, list) else []
+                items += inputs[pk] + (output if isinstance(output, list) else [])
     return items
 
 
@@ -310,7 +311,11 @@ async def input_items(key: Any, response_id: str, query: ItemsQuery) -> ItemsPag
 
 
 def read_items(key_id: int, response_id: str, query: ItemsQuery) -> ItemsPage | None:
-    pk = StoredResponse.objects.filter(response_id=response_id, key_id=key_id).values_list("pk", flat=True).first()
+    """Each statement sees the database as it is then (READ COMMITTED): when a query finds no
+    items, the response is looked up again, so that one deleted meanwhile is a 404, never an
+    empty page (a response and its items are deleted in one transaction)."""
+    responses = StoredResponse.objects.filter(response_id=response_id, key_id=key_id)
+    pk = responses.values_list("pk", flat=True).first()
     if pk is None:
         return None
     items = StoredInputItem.objects.filter(response_id=pk)
@@ -321,6 +326,8 @@ def read_items(key_id: int, response_id: str, query: ItemsQuery) -> ItemsPage | 
             continue
         position = items.filter(item_id=cursor).order_by("position").values_list("position", flat=True).first()
         if position is None:
+            if not responses.exists():
+                return None
             raise InvalidRequestError(f"Invalid '{param}': no input item of this response has that id.",
                                       param=param, code="invalid_value")
         items = items.filter(**{"position__gt" if later else "position__lt": position})
@@ -328,6 +335,8 @@ def read_items(key_id: int, response_id: str, query: ItemsQuery) -> ItemsPage | 
     backwards = query.before is not None and query.after is None
     first = "position" if ascending != backwards else "-position"
     rows = list(items.order_by(first).values_list("item_id", "body")[: query.limit + 1])
+    if not rows and not responses.exists():
+        return None
     has_more = len(rows) > query.limit
     rows = rows[: query.limit]
     if backwards:
