@@ -14,6 +14,7 @@ from gateway_project import state
 from keys.models import APIKey, UsageRecord
 from keys.usage import usage_writer
 from openai_api.auth import key_cache
+from tests.asgi import stream_then_disconnect
 from tests.base import GatewayTestCase
 from tests.fake_openai_server import OPENAI_UPSTREAM, FakeOpenAI, combined_transport
 from tests.sse import read_stream
@@ -144,6 +145,19 @@ class FastChatResponses(SDKMixin, GatewayTestCase):
         await flush()
         row = await UsageRecord.objects.aget()
         self.assertEqual((row.endpoint, row.status, row.streamed), (URL, 502, True))
+
+    async def test_a_client_leaving_mid_stream_stops_the_worker_and_is_recorded(self):
+        self.fake.chunk_delay = 0.05
+        parts = await stream_then_disconnect(URL, {"model": "m1", "input": "Hi", "stream": True}, self.auth,
+                                             body_messages=2)
+        self.assertIn(b"event: response.created", parts[0])
+        self.assertEqual(self.fake.stream_closed, [True])
+        await flush()
+        row = await UsageRecord.objects.aget()
+        self.assertEqual((row.endpoint, row.status), (URL, 499))
+        # Nothing was stored: the response never finished
+        from openai_api.models import StoredResponse
+        self.assertEqual(await StoredResponse.objects.acount(), 0)
 
     async def test_usage_rows_name_the_responses_endpoint(self):
         await self.post(URL, {"model": "m1", "input": "Hi", "store": False})
