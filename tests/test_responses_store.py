@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from unittest import mock
 
+import openai
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
@@ -24,6 +25,7 @@ from openai_api.models import StoredInputItem, StoredResponse
 from openai_api.observability import endpoint_label
 from openai_api.responses import store
 from tests.base import GatewayTestCase
+from tests.test_responses_create import SDKMixin
 
 
 def message(item_id: str, text: str, role: str = "user") -> dict:
@@ -410,3 +412,46 @@ class ConcurrencyTests(TransactionTestCase):
             items = self.in_thread(store.conversation_before, self.key, second)
             self.assertEqual([item["id"] for item in items],
                              [*(f"{second}_m{n}" for n in range(self.ITEMS)), f"msg_out_{second}"])
+
+
+class ProductionPathTests(SDKMixin, GatewayTestCase):
+    """POST -> GET -> input_items -> DELETE with the official openai client, through the API
+    handler (helper A's POST view saving through the store)."""
+
+    async def test_create_retrieve_list_delete_and_another_key_gets_404_for_each(self):
+        other, other_plaintext = await sync_to_async(APIKey.objects.create_key)("bob")
+        client, stranger = self.sdk(), self.sdk(other_plaintext)
+        created = await client.responses.create(
+            model="m1", instructions="Be brief.",
+            input=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                   {"role": "user", "content": [{"type": "input_text", "text": "Again"}]}])
+        retrieved = await client.responses.retrieve(created.id)
+        self.assertEqual(retrieved.model_dump(), created.model_dump())
+        listed = await client.responses.input_items.list(created.id, order="asc")
+        self.assertEqual([(item.role, item.content[0].text) for item in listed.data],
+                         [("user", "Hi"), ("assistant", "Hello."), ("user", "Again")])
+        self.assertEqual((listed.first_id, listed.last_id, listed.has_more),
+                         (listed.data[0].id, listed.data[-1].id, False))
+        paged = [item.id async for item in client.responses.input_items.list(created.id, limit=1)]
+        self.assertEqual(paged, [item.id for item in reversed(listed.data)])  # the SDK follows `after`
+        for call in (stranger.responses.retrieve(created.id), stranger.responses.input_items.list(created.id),
+                     stranger.responses.delete(created.id)):
+            with self.assertRaises(openai.NotFoundError):
+                await call
+        self.assertIsNone(await client.responses.delete(created.id))  # the SDK answers None
+        with self.assertRaises(openai.NotFoundError):
+            await client.responses.retrieve(created.id)
+        with self.assertRaises(openai.NotFoundError):
+            await client.responses.create(model="m1", input="Next", previous_response_id=created.id)
+
+    async def test_store_false_then_retrieve_is_404(self):
+        created = await self.sdk().responses.create(model="m1", input="Hi", store=False)
+        with self.assertRaises(openai.NotFoundError):
+            await self.sdk().responses.retrieve(created.id)
+        self.assertEqual(await StoredResponse.objects.acount(), 0)
+
+    async def test_a_streamed_response_is_retrieved_as_its_final_event(self):
+        client = self.sdk()
+        async with client.responses.stream(model="m1", input="Hi") as stream:
+            final = await stream.get_final_response()
+        self.assertEqual((await client.responses.retrieve(final.id)).output_text, final.output_text)
