@@ -36,7 +36,7 @@ TOOL_CHOICES = ("auto", "none", "required")
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 # Responses parameters with no chat counterpart here: accepted and not forwarded.
 IGNORED = frozenset({
-    "include", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    "include", "service_tier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
     "max_tool_calls", "top_logprobs", "stream_options", "reasoning", "context_management",
 })
 # Responses parameters the gateway cannot honour: a 400 naming them when set.
