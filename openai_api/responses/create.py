@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
@@ -110,7 +111,7 @@ async def run(router: Router, call: ChatCall, request: ResponsesRequest, history
             if shorter is None:
                 raise
             history, items = shorter
-            request = ResponsesRequest(**{**request.__dict__, "input_items": items})
+            request = replace(request, input_items=items)
             call = chat_call(request, history)
             turns *= 2
     return await router.chat(call, ctx)
