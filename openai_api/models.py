@@ -1,4 +1,4 @@
-"""The Responses API's store (docs/responses.md): a response the gateway answered with `store`
+"""The Responses API's store (docs/responses-store.md): a response the gateway answered with `store`
 on, and the input items of its request, kept for RESPONSES_RETENTION_DAYS.
 
 Laid out for PostgreSQL as much as for SQLite:

@@ -1,5 +1,6 @@
 """GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: the stored responses
-of the request's key (store.py). Another key's response answers 404 as one that never existed.
+of the request's key (store.py; docs/responses-store.md). Another key's response answers 404 as one
+that never existed.
 
 The endpoint label of these requests (usage rows, metrics, the access log) is the route's
 template, never the id: ids are unbounded in number (openai_api/observability.py endpoint_label).
