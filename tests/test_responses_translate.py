@@ -328,7 +328,18 @@ def events_of(chunks, finish=True, usage=USAGE, finalise=None):
     return parse(raw), translator
 
 
+def sdk_events():
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(ResponseStreamEvent)
+
+
+SDK_EVENTS = sdk_events()
+
+
 def parse(raw: bytes) -> list[dict]:
+    """The events, each checked against the SDK's own event types (validated, not constructed)."""
     events = []
     for block in raw.decode().split("\n\n"):
         if block:
@@ -336,6 +347,7 @@ def parse(raw: bytes) -> list[dict]:
             assert kind_line.startswith("event: ") and data_line.startswith("data: ")
             event = json.loads(data_line[6:])
             assert event["type"] == kind_line[7:]
+            assert SDK_EVENTS.validate_python(event).type == event["type"]
             events.append(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
