@@ -74,6 +74,7 @@ class ResponseEvents:
         self.finish_reason: str | None = None
         self.reported_usage: Any = None
         self.response: dict[str, Any] | None = None  # the final response, once built
+        self.delta_frame = (b"", b"")
 
     def event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -131,9 +132,17 @@ class ResponseEvents:
         if item is None or item.kind != "message":
             item = Item("message", random_id("msg_"), len(self.items))
             events = self.open(item)
+            # The hot path: every text delta of this item is this frame around its number and text.
+            self.delta_frame = (
+                b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":',
+                b',"item_id":' + orjson.dumps(item.id) + b',"output_index":' + str(item.index).encode()
+                + b',"content_index":0,"delta":',
+            )
         item.parts.append(text)
-        return events + self.event("response.output_text.delta", item_id=item.id, output_index=item.index,
-                                   content_index=0, delta=text, logprobs=[])
+        head, middle = self.delta_frame
+        sequence = self.sequence
+        self.sequence = sequence + 1
+        return events + head + str(sequence).encode() + middle + orjson.dumps(text) + b',"logprobs":[]}\n\n'
 
     def call_delta(self, call: dict[str, Any]) -> bytes:
         index = call.get("index", 0)
