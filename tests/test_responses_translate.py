@@ -413,6 +413,21 @@ def test_parallel_tool_calls_get_their_own_items_and_joined_arguments():
     assert [(i["call_id"], i["arguments"]) for i in final] == [("call_a", '{"city":"Paris"}'), ("call_b", '{"city":"Rome"}')]
 
 
+def test_calls_that_all_say_index_0_are_told_apart_by_their_ids():
+    events, _ = events_of([chunk(tool_delta(0, '{"a":1}', "call_a", "f")), chunk(tool_delta(0, '{"b":2}', "call_b", "g")),
+                           chunk(finish_reason="tool_calls")])
+    final = events[-1]["response"]["output"]
+    assert [(i["call_id"], i["name"], i["arguments"]) for i in final] == [("call_a", "f", '{"a":1}'),
+                                                                          ("call_b", "g", '{"b":2}')]
+
+
+def test_a_repeated_call_header_is_the_same_call():
+    events, _ = events_of([chunk(tool_delta(0, '{"a":', "call_a", "f")), chunk(tool_delta(0, "1}", "call_a", "f")),
+                           chunk(finish_reason="tool_calls")])
+    (item,) = events[-1]["response"]["output"]
+    assert (item["call_id"], item["name"], item["arguments"]) == ("call_a", "f", '{"a":1}')
+
+
 def test_interleaved_tool_call_deltas_fail_rather_than_disagree():
     translator = ResponseEvents(BASE)
     translator.start()

@@ -148,10 +148,13 @@ class ResponseEvents:
         index = call.get("index", 0)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         name = function.get("name")
+        given_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else None
         item = self.calls.get(index)
+        if item is not None and given_id is not None and given_id != item.call_id:
+            item = None  # a server that gives every call index 0 (or none): a new id is a new call
         events = b""
         if item is None:
-            call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else random_id("call_")
+            call_id = given_id or random_id("call_")
             item = Item("function_call", random_id("fc_"), len(self.items), call_id, name if isinstance(name, str) else "")
             self.calls[index] = item
             events = self.open(item)
