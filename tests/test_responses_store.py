@@ -4,12 +4,18 @@ query; the chain is read in a bounded number of queries; pruning; the admin is r
 from __future__ import annotations
 
 import io
+import os
+import signal
+import time
 import unittest
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from unittest import mock
 
+import httpx
 import openai
+import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
@@ -25,6 +31,10 @@ from openai_api.models import StoredInputItem, StoredResponse
 from openai_api.observability import endpoint_label
 from openai_api.responses import store
 from tests.base import GatewayTestCase
+from tests.gateway_process import Gateway, start_gateway
+from tests.procs import free_port, start_controller, start_demo_worker, stop_process, wait_for_models
+from tests.services import Postgres, ServiceUnavailable, postgres, require_service
+from tests.test_outages import cluster_pids, start_again
 from tests.test_responses_create import SDKMixin
 
 
@@ -455,3 +465,92 @@ class ProductionPathTests(SDKMixin, GatewayTestCase):
         async with client.responses.stream(model="m1", input="Hi") as stream:
             final = await stream.get_final_response()
         self.assertEqual((await client.responses.retrieve(final.id)).output_text, final.output_text)
+
+
+# A gateway process on a throwaway PostgreSQL that goes down, then hangs ------------------------
+
+E2E_MODEL = "demo-chat"
+
+
+@pytest.fixture(scope="module")
+def pg_gateway(tmp_path_factory) -> Iterator[tuple[Gateway, Postgres]]:
+    tmp = tmp_path_factory.mktemp("store-outage")
+    processes, gateway = [], None
+    try:
+        with postgres() as pg:
+            controller_port, worker_port = free_port(), free_port()
+            controller_url = f"http://127.0.0.1:{controller_port}"
+            try:
+                processes.append(start_controller(controller_port, log_path=tmp / "controller.log"))
+                processes.append(start_demo_worker(worker_port, controller_url, [E2E_MODEL],
+                                                   log_path=tmp / "worker.log"))
+                wait_for_models(controller_url, [E2E_MODEL], timeout=20)
+                gateway = start_gateway(tmp, controller_url, server="uvicorn", extra_env={
+                    "DATABASE_URL": pg.url, "GATEWAY_KEY_CACHE_SECONDS": "0.5", "GATEWAY_KEY_GRACE_SECONDS": "120"})
+                yield gateway, pg
+            finally:
+                if gateway is not None:
+                    gateway.stop()
+                for process in reversed(processes):
+                    stop_process(process)
+    except ServiceUnavailable as exc:
+        require_service("PostgreSQL", False, str(exc))
+
+
+def store_requests(response_id: str) -> list[tuple[str, str, dict | None]]:
+    return [("GET", f"/v1/responses/{response_id}", None), ("GET", f"/v1/responses/{response_id}/input_items", None),
+            ("DELETE", f"/v1/responses/{response_id}", None),
+            ("POST", "/v1/responses", {"model": E2E_MODEL, "input": "And?", "previous_response_id": response_id,
+                                       "max_output_tokens": 4})]
+
+
+def assert_store_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert (body["error"]["code"], body["error"]["type"], body["object"]) == (
+        "store_unavailable", "server_error", "error")
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def wait_until_served(client: httpx.Client, path: str) -> None:
+    deadline = time.monotonic() + 30
+    while (status := client.get(path).status_code) != 200:
+        assert time.monotonic() < deadline, f"the store did not come back ({status})"
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_postgresql_down_or_hung_the_store_answers_503_never_500(pg_gateway):
+    gateway, pg = pg_gateway
+    key = gateway.create_key("store-outage")
+    with httpx.Client(base_url=gateway.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+        created = client.post("/v1/responses", json={"model": E2E_MODEL, "input": "Hi", "max_output_tokens": 4})
+        assert created.status_code == 200, created.text
+        response_id = created.json()["id"]
+        assert client.get(f"/v1/responses/{response_id}").json() == created.json()
+        pg.psql("CHECKPOINT")  # the throwaway server commits asynchronously: an immediate stop would lose it
+        pg.stop()
+        try:
+            time.sleep(1)  # past GATEWAY_KEY_CACHE_SECONDS: the key is served from memory
+            down = [(path, client.request(method, path, json=body)) for method, path, body in store_requests(response_id)]
+        finally:
+            start_again(pg)
+        for _, response in down:
+            assert_store_unavailable(response)
+        wait_until_served(client, f"/v1/responses/{response_id}")
+
+        pids = cluster_pids(pg)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            hung = client.get(f"/v1/responses/{response_id}")
+            waited = time.monotonic() - started
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        print(f"PostgreSQL hung: {hung.status_code} after {waited:.1f} s")
+        assert_store_unavailable(hung)
+        assert store.STORE_TIMEOUT - 0.5 < waited < store.STORE_TIMEOUT + 3
+        wait_until_served(client, f"/v1/responses/{response_id}/input_items")
+        assert client.delete(f"/v1/responses/{response_id}").json()["deleted"] is True
