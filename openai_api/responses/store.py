@@ -120,9 +120,10 @@ def key_id(key: Any) -> int:
 async def save(key: Any, response: dict, input_items: list[dict]) -> None:
     """Store a finished response (the full object as answered; its "previous_response_id" links
     the chain) and its request's input items (each with an "id"), atomically: a reader sees all
-    of it or nothing. Ids and the model are bounded as the columns are (MAX_ID_LENGTH): an item
-    id that is no id is kept in the item but cannot be an input_items cursor. ValueError if the
-    response's own "id" is no response id (a bug of the caller); 503 if the database fails."""
+    of it or nothing. The model and status are cut to their columns; an item id the column
+    cannot hold (over MAX_ITEM_ID_LENGTH, or with a NUL) is kept in the item but is no
+    input_items cursor. ValueError if the response's own "id" is no response id (a bug of the
+    caller); 503 (StoreUnavailableError) if the database fails: then nothing is stored."""
     if not is_response_id(response.get("id")):
         raise ValueError("A stored response needs an id of the form resp_…")
     await in_database(save_now, key_id(key), response, input_items)
@@ -130,7 +131,7 @@ async def save(key: Any, response: dict, input_items: list[dict]) -> None:
 
 def save_now(key_id: int, response: dict, input_items: list[dict]) -> None:
     output = response.get("output") or []
-    item_texts = [orjson.dumps(item).decode() for item in input_items]
+    item_json = [orjson.dumps(item) for item in input_items]
     previous = response.get("previous_response_id")
     with transaction.atomic():
         stored = StoredResponse.objects.create(
@@ -139,12 +140,12 @@ def save_now(key_id: int, response: dict, input_items: list[dict]) -> None:
             model=bounded(response.get("model"), MAX_MODEL_LENGTH),
             status=bounded(response.get("status"), MAX_STATUS_LENGTH),
             body=orjson.dumps(response).decode(),
-            size_bytes=sum(map(len, item_texts)) + len(orjson.dumps(output)),
+            size_bytes=sum(map(len, item_json)) + len(orjson.dumps(output)),
             item_count=len(input_items) + len(output),
         )
         StoredInputItem.objects.bulk_create(
-            [StoredInputItem(response=stored, position=position, item_id=item_id_of(item), body=text)
-             for position, (item, text) in enumerate(zip(input_items, item_texts, strict=True))],
+            [StoredInputItem(response=stored, position=position, item_id=item_id_of(item), body=text.decode())
+             for position, (item, text) in enumerate(zip(input_items, item_json, strict=True))],
             batch_size=IDS_PER_QUERY)
 
 
