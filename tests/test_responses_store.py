@@ -114,9 +114,9 @@ class StoreTests(GatewayTestCase):
 
     async def test_text_a_database_may_refuse_is_kept_exactly(self):
         text = "nul \x00 and \u2028 and emoji \U0001F600"
-        answer, items = response("resp_nul", text, model="m\x00" + "x" * 300), [message("id\x00bad", text),
-                                                                               message("x" * 300, text)]
-        await store.save(self.key, answer, items)
+        answer, inputs = response("resp_nul", text, model="m\x00" + "x" * 300), [message("id\x00bad", text),
+                                                                                message("x" * 300, text)]
+        await store.save(self.key, answer, inputs)
         body = await store.get(self.key, "resp_nul")
         self.assertIn('"output_text":"nul \\u0000 and', body)
         items = await store.conversation_before(self.key, "resp_nul")
@@ -125,7 +125,7 @@ class StoreTests(GatewayTestCase):
         row = await StoredResponse.objects.aget(response_id="resp_nul")
         self.assertEqual(len(row.model), 200)
         # The chain's bound counts bytes of UTF-8 JSON (the emoji is 4), not characters.
-        self.assertEqual(row.size_bytes, sum(len(orjson.dumps(item)) for item in items)
+        self.assertEqual(row.size_bytes, sum(len(orjson.dumps(item)) for item in inputs)
                          + len(orjson.dumps(answer["output"])))
         self.assertEqual(row.item_count, 3)
         self.assertEqual([item.item_id async for item in StoredInputItem.objects.order_by("position")], ["", ""])
