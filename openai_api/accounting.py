@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -49,12 +49,13 @@ def demand_of(body: Any, body_bytes: int) -> Demand:
     return Demand(body_bytes + TEMPLATE_MARGIN, completion)
 
 
-async def admit(ctx: RequestContext, demand: Demand | None = None) -> None:
+async def admit(ctx: RequestContext, demand: Demand | None = None, limits: Limits | None = None) -> None:
     """Take a lease on the key's and its team's limits (429 if refused), reserving the request's
     worst case against their budgets; the request's finish gives it back with what it used.
     Keys without limits (and without a team with limits) cost nothing here. A limit store that
-    cannot answer refuses the request with 503 (GATEWAY_LIMITS_FAIL_OPEN: admits it unchecked)."""
-    limits = ctx.key.limits
+    cannot answer refuses the request with 503 (GATEWAY_LIMITS_FAIL_OPEN: admits it unchecked).
+    `limits`: these instead of the key's (request_limits_only: a request that uses no tokens)."""
+    limits = ctx.key.limits if limits is None else limits
     if not limits.any:
         return
     store = get_limit_store()
@@ -72,6 +73,15 @@ async def admit(ctx: RequestContext, demand: Demand | None = None) -> None:
     ctx.lease.price = price
     ctx.release_lease = lambda done: store.release_soon(done.lease, done.prompt_tokens + done.completion_tokens,
                                                         spent_nanos(done))
+
+
+def request_limits_only(limits: Limits) -> Limits:
+    """The request limits (per minute, in parallel) of a key and its team, without its token rate
+    and budgets: for requests that use no tokens (the stored responses' GET and DELETE), which a
+    key past its budget may still make."""
+    no_tokens = {"tokens_per_minute": None, "token_budget": None, "money_budget": None}
+    team = replace(limits.team, **no_tokens) if limits.team is not None else None
+    return replace(limits, **no_tokens, team=team)
 
 
 async def worst_case(model: str, limits: Limits, demand: Demand) -> tuple[Worst, Any]:

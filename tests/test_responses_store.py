@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from keys.models import APIKey, UsageRecord
 from keys.usage import usage_writer
+from openai_api.auth import key_cache
 from openai_api.errors import ContextLengthError, InvalidRequestError, NotFoundError, StoreUnavailableError
 from openai_api.models import StoredInputItem, StoredResponse
 from openai_api.observability import endpoint_label
@@ -560,3 +561,19 @@ def test_postgresql_down_or_hung_the_store_answers_503_never_500(pg_gateway):
         assert store.STORE_TIMEOUT - 0.5 < waited < store.STORE_TIMEOUT + 3
         wait_until_served(client, f"/v1/responses/{response_id}/input_items")
         assert client.delete(f"/v1/responses/{response_id}").json()["deleted"] is True
+
+
+class LimitTests(GatewayTestCase):
+    async def test_request_limits_apply_but_no_budget_or_token_rate(self):
+        await store.save(self.key, response("resp_abc", "A"), [message("msg_1", "Q")])
+        await APIKey.objects.filter(pk=self.key.pk).aupdate(requests_per_minute=3, token_budget=0,
+                                                           tokens_per_minute=1)
+        key_cache.clear()
+        self.assertError(await self.post("/v1/chat/completions", {"model": "m1", "messages": [
+            {"role": "user", "content": "Hi"}]}), 429, code="insufficient_quota")  # the budget is spent
+        # A refused request is not counted: three requests in the minute, then the fourth is refused.
+        self.assertEqual((await self.get("/v1/responses/resp_abc")).status_code, 200)
+        self.assertEqual((await self.get("/v1/responses/resp_abc/input_items")).status_code, 200)
+        deleted = await self.async_client.delete("/v1/responses/resp_abc", headers=self.auth)
+        self.assertEqual(deleted.status_code, 200, deleted.content)
+        self.assertError(await self.get("/v1/responses/resp_abc"), 429, code="rate_limit_exceeded")

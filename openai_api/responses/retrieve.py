@@ -11,7 +11,7 @@ import re
 
 from django.http import HttpRequest, HttpResponse
 
-from openai_api.accounting import admit
+from openai_api.accounting import admit, request_limits_only
 from openai_api.endpoint import api_endpoint, json_response
 from openai_api.errors import InvalidRequestError
 from openai_api.responses import store
@@ -27,7 +27,7 @@ LIMIT = re.compile(r"[0-9]{1,3}")
 @api_endpoint("GET", "DELETE")
 async def response_view(request: HttpRequest, id: str) -> HttpResponse:  # `id`: the route template's name
     request.ctx.endpoint = RESPONSE_ENDPOINT
-    await admit(request.ctx)  # the key's request limits, as everywhere (no tokens: no budget)
+    await admit_request(request)
     if request.method == "DELETE":
         await store.delete(request.ctx.key, id)
         return json_response({"id": id, "object": "response", "deleted": True})
@@ -38,9 +38,16 @@ async def response_view(request: HttpRequest, id: str) -> HttpResponse:  # `id`:
 async def input_items_view(request: HttpRequest, id: str) -> HttpResponse:
     request.ctx.endpoint = INPUT_ITEMS_ENDPOINT
     query = items_query(request)
-    await admit(request.ctx)
+    await admit_request(request)
     page = await store.input_items(request.ctx.key, id, query)
     return HttpResponse(page.json(), content_type="application/json")
+
+
+async def admit_request(request: HttpRequest) -> None:
+    """The key's (and its team's) request limits: per minute and in parallel. No token rate or
+    budget: these requests use no tokens, and a key past its budget may still read and delete
+    what it stored."""
+    await admit(request.ctx, limits=request_limits_only(request.ctx.key.limits))
 
 
 def items_query(request: HttpRequest) -> store.ItemsQuery:
