@@ -294,6 +294,9 @@ class AdminTests(TestCase):
         self.assertEqual(self.listed(q="resp_bob"), set())  # ids match exactly
         self.assertEqual(self.listed(q=self.key.prefix), {"resp_alice1"})
         self.assertEqual(self.listed(q="bob-app"), {"resp_bob1"})
+        StoredResponse.objects.filter(response_id="resp_bob1").update(status="incomplete")
+        self.assertEqual(self.listed(status="incomplete"), {"resp_bob1"})
+        self.assertEqual(self.listed(status="completed"), {"resp_alice1"})
 
     def test_a_response_shows_its_body_and_items_escaped(self):
         page = self.client.get(reverse("admin:openai_api_storedresponse_change", args=[self.row.pk]))
