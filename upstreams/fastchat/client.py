@@ -27,12 +27,12 @@ from upstreams.errors import (
     UpstreamFailure,
     UpstreamTimeout,
 )
-from upstreams.transport import get_transport, parsed_url
+from upstreams.transport import RequestHeaders, Timeouts, send
 from upstreams.usage import token_count
 
 logger = logging.getLogger(__name__)
 
-JSON_HEADERS = [(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway")]
+JSON_HEADERS = RequestHeaders([(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway")])
 
 # FastChat's error codes (fastchat/constants.py) the gateway acts on or sends.
 INTERNAL_ERROR = 50001
@@ -53,15 +53,10 @@ def no_worker(message: str, **kwargs: Any) -> Unreachable:
     return Unreachable(message, code="service_unavailable", fastchat_code=NO_WORKER, **kwargs)
 
 
-Timeouts = dict[str, float | None]  # httpx's timeout extension: connect, read, write, pool
-
-
 async def post(url: str, content: bytes, timeout: Timeouts, who: str) -> httpx.Response:
     """POST and return the response with its body still unread (the caller closes it)."""
-    request = httpx.Request("POST", parsed_url(url), content=content, headers=JSON_HEADERS,
-                            extensions={"timeout": timeout})
     try:
-        return await get_transport().handle_async_request(request)
+        return await send("POST", url, content, JSON_HEADERS, timeout)
     except httpx.HTTPError as exc:
         raise translate_transport_error(exc, url, who) from exc
 

@@ -31,7 +31,7 @@ from upstreams.openai.deviations import Deviations
 from upstreams.openai.failures import hidden_in_messages, status_failure, transport_failure
 from upstreams.openai.rewrite import json_string
 from upstreams.openai.stream import FanOutStream, PassThroughStream
-from upstreams.transport import get_transport
+from upstreams.transport import RequestHeaders, get_transport, send
 from upstreams.usage import Usage
 
 USER_AGENT = b"Django OpenAI Gateway"
@@ -68,6 +68,7 @@ class OpenAIAdapter:
         self.name = spec.name
         self.base_url = spec.base_url.rstrip("/")
         self.urls = {endpoint: httpx.URL(self.base_url + path) for endpoint, path in PATHS.items()}
+        self.url_strings = {endpoint: str(url) for endpoint, url in self.urls.items()}
         self.models_url = httpx.URL(self.base_url + "/models")
         self.deadline = deadline
         self.max_bytes = max_bytes
@@ -86,6 +87,7 @@ class OpenAIAdapter:
         authorization = sent.get("Authorization", "")
         self.hidden = hidden_in_messages(self.base_url, authorization.removeprefix("Bearer ") or None)
         self.headers = headers
+        self.post_headers = RequestHeaders(headers)
         self.get_headers = [header for header in headers if header[0] != b"content-type"]
         self.flavor = known.named(getattr(spec, "flavor", None))
         self._detected: Deviations | None = None
@@ -200,16 +202,16 @@ class OpenAIAdapter:
         return answer
 
     async def _one_answer(self, call: Any, body: dict[str, Any], deviations: Deviations) -> Answer:
-        url = self.urls[call.endpoint]
+        url = self.url_strings[call.endpoint]
         deadline = time.monotonic() + self.deadline
         response = await self._post(url, body, deviations)
-        raw = await self._read(response, str(url), self.max_bytes, deadline)
+        raw = await self._read(response, url, self.max_bytes, deadline)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise BadAnswer("The upstream answered with invalid JSON.", log_detail=str(url)) from None
+            raise BadAnswer("The upstream answered with invalid JSON.", log_detail=url) from None
         if not isinstance(data, dict) or ("error" in data and "choices" not in data and "data" not in data):
-            raise BadAnswer("The upstream answered with an unexpected body.", log_detail=str(url))
+            raise BadAnswer("The upstream answered with an unexpected body.", log_detail=url)
         data["model"] = call.public_model
         return Answer(data, self.answer_usage(call, body, data))
 
@@ -251,7 +253,7 @@ class OpenAIAdapter:
 
     async def _one_stream(self, call: Any, body: dict[str, Any], deviations: Deviations,
                           include_usage: bool) -> PassThroughStream:
-        url = self.urls[call.endpoint]
+        url = self.url_strings[call.endpoint]
         started = time.monotonic()
         deadline = started + self.deadline
         try:
@@ -263,7 +265,7 @@ class OpenAIAdapter:
         if deviations.repeats_tool_call_header and call.endpoint == "chat" and "tools" in body:
             tool_headers = ToolCallHeaders(drop_function_call="functions" not in body)
         stream = PassThroughStream(
-            response, url=str(url), public_model=call.public_model, model_json=json_string(call.public_model),
+            response, url=url, public_model=call.public_model, model_json=json_string(call.public_model),
             include_usage=include_usage, prompt_estimate=estimated_prompt_tokens(body), deadline=deadline,
             max_bytes=self.max_bytes, idle_timeout=self.idle_timeout, tool_headers=tool_headers,
             obj=CHUNK_OBJECTS[call.endpoint], hidden=self.hidden,
@@ -291,18 +293,15 @@ class OpenAIAdapter:
                 required_tool_named(body)
         return body
 
-    async def _post(self, url: httpx.URL, body: dict[str, Any], deviations: Deviations) -> httpx.Response:
+    async def _post(self, url: str, body: dict[str, Any], deviations: Deviations) -> httpx.Response:
         """POST `body`; the response (status 200, body unread) or the failure its status means."""
-        request = httpx.Request("POST", url, content=orjson.dumps(body), headers=self.headers,
-                                extensions={"timeout": self.timeouts})
         try:
-            response = await transport().handle_async_request(request)
+            response = await send("POST", url, orjson.dumps(body), self.post_headers, self.timeouts, transport())
         except httpx.HTTPError as exc:
-            raise transport_failure(exc, str(url)) from exc
+            raise transport_failure(exc, url) from exc
         if response.status_code != 200:
-            error_body = await self._read(response, str(url), MAX_ERROR_BYTES, truncate=True)
-            raise status_failure(response.status_code, error_body, response.headers, deviations, self.hidden,
-                                 str(url))
+            error_body = await self._read(response, url, MAX_ERROR_BYTES, truncate=True)
+            raise status_failure(response.status_code, error_body, response.headers, deviations, self.hidden, url)
         return response
 
     async def _read(self, response: httpx.Response, url: str, limit: int, deadline: float | None = None, *,
