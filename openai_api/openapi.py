@@ -396,13 +396,15 @@ def path_parameter(name: str) -> dict:
 
 
 def response_id_parameter() -> dict:
-    return {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+    # openai_api/responses/store.py RESPONSE_ID: another id gets a 400 before any query.
+    return {"name": "id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^resp_[A-Za-z0-9_-]{1,95}$"}}
 
 
 def stored_response_paths(read_errors: tuple[str, ...]) -> dict[str, Any]:
     """GET/DELETE /v1/responses/{id} and its input items: the key's own stored responses only
     (another key's is a 404, as an absent one)."""
-    errors = (*read_errors, "400")
+    errors = (*read_errors, "400", "429")  # the key's request limits (retrieve.py)
     page = [
         {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
         {"name": "before", "in": "query", "required": False, "schema": {"type": "string"}},
