@@ -68,9 +68,13 @@ COST_QUANTUM = Decimal(1).scaleb(-COST_FIELD["decimal_places"])
 
 
 def insert_records(events: list[UsageEvent], costs: list[tuple[Decimal | None, str]]) -> None:
-    """Multi-row INSERTs of up to ROWS_PER_INSERT rows. bulk_create would build a model instance
-    per row, which made this thread (which shares the GIL with the event loop) cost 15% of the
-    CPU under load; one statement per row (executemany) cost PostgreSQL 0.1 ms per request."""
+    """Multi-row INSERTs of up to ROWS_PER_INSERT rows, or on SQLite one statement run for every
+    row (executemany). bulk_create would build a model instance per row, which made this thread
+    (which shares the GIL with the event loop) cost 15% of the CPU under load; one statement per
+    row cost PostgreSQL 0.1 ms per request (a round trip each). SQLite runs in this process: the
+    one compiled statement is cheapest there, while a multi-row statement's SQL (at most 58 rows
+    under its 999-parameter bound) is rewritten to its placeholder style and parsed each time
+    (measured: 35 -> 26 us of this thread's CPU per row, batches of 500 and 150)."""
     table = connection.ops.quote_name(UsageRecord._meta.db_table)
     columns = ", ".join(connection.ops.quote_name(column) for column in RECORD_COLUMNS)
     row_placeholders = "(" + ", ".join(["%s"] * len(RECORD_COLUMNS)) + ")"
@@ -82,8 +86,12 @@ def insert_records(events: list[UsageEvent], costs: list[tuple[Decimal | None, s
          e.route, None if cost is None else adapt_decimal(cost, *COST_DIGITS), currency, e.tokens_estimated)
         for e, (cost, currency) in zip(events, costs, strict=True)
     ]
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES {row_placeholders}", rows)
+        return
     per_insert = ROWS_PER_INSERT
-    if connection.features.max_query_params:  # SQLite's bound on parameters per statement
+    if connection.features.max_query_params:  # a database's bound on parameters per statement
         per_insert = min(per_insert, connection.features.max_query_params // len(RECORD_COLUMNS))
     with connection.cursor() as cursor:
         for start in range(0, len(rows), per_insert):
