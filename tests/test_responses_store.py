@@ -252,6 +252,17 @@ class EndpointTests(GatewayTestCase):
                 self.assertRaises(StoreUnavailableError):
             await store.save(self.key, response("resp_new", "A"), [])
 
+    async def test_a_database_that_hangs_is_a_503_after_the_stores_timeout(self):
+        await self.stored()
+
+        def hang(*args):
+            time.sleep(1.0)
+
+        started = time.monotonic()
+        with mock.patch.object(store, "STORE_TIMEOUT", 0.2), mock.patch.object(store, "read_body", side_effect=hang):
+            self.assertError(await self.get("/v1/responses/resp_abc"), 503, code="store_unavailable")
+        self.assertLess(time.monotonic() - started, 0.9)
+
     async def test_usage_rows_and_metrics_name_the_route_never_the_id(self):
         await self.stored()
         await self.get("/v1/responses/resp_abc")
