@@ -11,7 +11,7 @@ import pytest
 
 from keys.exceptions import LimitExceeded
 from keys.limits import SLOT_TTL, Limits, MemoryLimitStore, RedisLimitStore, Spent, Worst, over_budget
-from tests.test_redis_limits import Clock, redis_url, run  # noqa: F401  (the module's Redis fixture)
+from tests.test_redis_limits import Clock, run
 
 TEAM = Limits(7, token_budget=100, scope="team", name="acme")
 KEY_IN_TEAM = Limits(1, team=TEAM, team_id=7)
@@ -108,7 +108,7 @@ def test_a_money_budget_counts_billionths_and_refuses_unpriced_models():
     asyncio.run(scenario())
 
 
-def test_redis_reservations_are_exact_across_processes(redis_url):  # noqa: F811
+def test_redis_reservations_are_exact_across_processes(redis_url):
     """Two stores (two processes) admit 50 concurrent requests against one team budget of 10
     worst cases: exactly 10 pass, whichever process they went through."""
     clock, prefix = Clock(), f"b{uuid.uuid4().hex[:8]}"
@@ -145,7 +145,7 @@ def test_redis_reservations_are_exact_across_processes(redis_url):  # noqa: F811
     asyncio.run(scenario())
 
 
-def test_redis_gives_back_the_reservations_of_a_dead_process(redis_url):  # noqa: F811
+def test_redis_gives_back_the_reservations_of_a_dead_process(redis_url):
     clock, prefix = Clock(), f"b{uuid.uuid4().hex[:8]}"
     store = redis_store(redis_url, clock, prefix)
     key = Limits(5, token_budget=100)
@@ -160,7 +160,7 @@ def test_redis_gives_back_the_reservations_of_a_dead_process(redis_url):  # noqa
     run(store, scenario())
 
 
-def test_redis_keys_of_a_team_share_its_hash_slot(redis_url):  # noqa: F811
+def test_redis_keys_of_a_team_share_its_hash_slot(redis_url):
     store = redis_store(redis_url, Clock(), "gw")
     assert len(store.keys(KEY_IN_TEAM)) == 7  # a key without limits of its own: its team's level only
     keys = store.keys(Limits(1, requests_per_minute=5, team=TEAM, team_id=7))

@@ -22,8 +22,6 @@ from upstreams.health import (
 )
 from upstreams.shared_state import MemoryTables, RedisTables
 
-from .test_cooldown import redis_url  # noqa: F401  (the module's Redis fixture)
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -135,7 +133,7 @@ def test_the_loop_probes_every_interval_and_stops():
     assert 3 <= calls <= 6 and adapter.calls == calls
 
 
-def test_redis_one_process_probes_each_interval(redis_url):  # noqa: F811
+def test_redis_one_process_probes_each_interval(redis_url):
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     one = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
     two = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
@@ -167,7 +165,7 @@ def test_interval_zero_never_probes(interval):
     assert adapter.calls == 0 and h._task is None
 
 
-def test_redis_failed_probes_count_across_processes(redis_url):  # noqa: F811
+def test_redis_failed_probes_count_across_processes(redis_url):
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     one = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
     two = RedisTables(redis_url, ("marks", "probes"), prefix=prefix, refresh_seconds=0.1)
