@@ -11,13 +11,16 @@ import orjson
 from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.urls import set_script_prefix
+from django.urls import get_resolver, set_script_prefix, set_urlconf
 
 from openai_api.auth import authenticate
 from openai_api.errors import OpenAIError, error_body
 
 logger = logging.getLogger(__name__)
 
+# path -> (the resolver that matched it, its ResolverMatch); the resolver changes with the URLconf
+_resolved: dict[str, tuple[Any, Any]] = {}
+MAX_RESOLVED_PATHS = 1024
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 NO_BODY = b""
 
@@ -54,6 +57,25 @@ class APIHandler(ASGIHandler):
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.handle(scope, receive, send)
+
+    def resolve_request(self, request: Any) -> Any:
+        """BaseHandler.resolve_request, with each path's match remembered (for the first
+        MAX_RESOLVED_PATHS paths): the resolver tries every API route's regex in turn for each
+        request. A ResolverMatch is never changed after it is made (the view gets copies of its
+        arguments); a path that matches nothing raises Resolver404 each time."""
+        urlconf = request.urlconf
+        set_urlconf(urlconf)
+        resolver = get_resolver(urlconf)
+        path = request.path_info
+        cached = _resolved.get(path)
+        if cached is not None and cached[0] is resolver:
+            match = cached[1]
+        else:
+            match = resolver.resolve(path)
+            if len(_resolved) < MAX_RESOLVED_PATHS:
+                _resolved[path] = (resolver, match)
+        request.resolver_match = match
+        return match
 
     def create_request(self, scope: dict, body_file: Any) -> tuple[Any, Any]:
         request, error_response = super().create_request(scope, body_file)
@@ -142,10 +164,10 @@ def body_headers(scope: dict) -> tuple[int, bytes]:
 class HeadersOnly:
     """What openai_api.auth.authenticate reads of a request, before the request exists."""
 
-    __slots__ = ("headers",)
+    __slots__ = ("META",)
 
     def __init__(self, authorization: bytes):
-        self.headers = {"Authorization": authorization.decode("latin1")}
+        self.META = {"HTTP_AUTHORIZATION": authorization.decode("latin1")}
 
 
 async def key_is_good(authorization: bytes) -> bool:
