@@ -533,8 +533,16 @@ def test_the_agents_sdk(stack):
     text = runs["text"]
     assert text["items"] == ["MessageOutputItem"] and text["final_output"] == text["messages"][0]
     assert text["final_output"] and text["usage"][0][1] > 0
+    # streamed runs (the SDK accumulating the gateway's events) end as the non-streamed ones (greedy;
+    # llama.cpp's streams carry no usage: the gateway estimates their input tokens, docs/openai-upstreams.md)
+    for name in ("tool", "text"):
+        streamed, plain = runs[f"streamed_{name}"], runs[name]
+        assert [streamed[field] for field in ("final_output", "items", "tool_calls", "tool_outputs")] == \
+            [plain[field] for field in ("final_output", "items", "tool_calls", "tool_outputs")]
+        assert [output for _, output in streamed["usage"]] == [output for _, output in plain["usage"]]
+    assert runs["streamed_text"]["usage"] == text["usage"]
     # every model call went through /v1/responses with the agents' key, and was stored for it
-    for response_id in tool["response_ids"] + text["response_ids"]:
+    for response_id in [rid for run in runs.values() for rid in run["response_ids"]]:
         stored = httpx.get(f"{stack.gateway.base_url}/responses/{response_id}", timeout=10,
                            headers={"Authorization": f"Bearer {stack.agents_key}"})
         assert stored.status_code == 200, stored.text
