@@ -31,7 +31,7 @@ import pytest
 
 from tests.llama_server import missing
 from tests.procs import REPO_ROOT
-from tests.services import require_service, requires_service
+from tests.services import requires_service
 
 MISSING = missing()
 pytestmark = [pytest.mark.e2e, pytest.mark.real_worker,
@@ -508,8 +508,8 @@ def test_a_tool_sent_to_a_fastchat_model_is_a_400(stack, client):
 # 3. The OpenAI Agents SDK
 
 
+@requires_service("the OpenAI Agents SDK", AGENTS_PYTHON.exists(), f"no {AGENTS_PYTHON}: make install-agents")
 def test_the_agents_sdk(stack):
-    require_service("openai-agents venv", AGENTS_PYTHON.exists(), f"{AGENTS_PYTHON} missing: make install-agents")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(stack.log_dir),
            "OPENAI_BASE_URL": stack.gateway.base_url, "OPENAI_API_KEY": stack.agents_key,
            "OPENAI_AGENTS_DISABLE_TRACING": "1"}
