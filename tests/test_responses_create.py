@@ -306,7 +306,7 @@ class ToolUpstreamResponses(SDKMixin, GatewayTestCase):
             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
         self.assertEqual(answer.output_text, "Hello from the fake")
         self.assertEqual(self.openai.bodies()[-1]["messages"][1:], [
-            {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
             {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}])
 

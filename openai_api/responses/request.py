@@ -401,8 +401,8 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
             else:
-                # No content at all (not null): llama-cpp-python's server refuses a null one.
-                messages.append({"role": "assistant", "tool_calls": [call]})
+                # Content "": llama-cpp-python's server refuses null, and its templates read a missing one.
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:  # function_call_output
             if item["call_id"] not in calls:
                 raise InvalidRequestError(f"No tool call found for function call output with call_id "
