@@ -390,6 +390,10 @@ def test_retrieve_input_items_and_delete(stack, client):
     for call in (client.responses.retrieve, client.responses.input_items.list, client.responses.delete):
         with pytest.raises(openai.NotFoundError):
             call(response.id)
+    # ids are never metric labels: the routes' templates are
+    metrics = httpx.get(stack.gateway.url + "/metrics", timeout=10).text
+    assert 'endpoint="/v1/responses/{id}"' in metrics and 'endpoint="/v1/responses/{id}/input_items"' in metrics
+    assert "resp_" not in metrics
 
 
 def test_another_key_gets_404_for_all_three(stack, client, other_client):
@@ -440,6 +444,28 @@ def test_usage_rows_of_responses(stack, client):
     assert (row["endpoint"], row["status"], row["streamed"]) == ("/v1/responses", 200, 1)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (final["usage"]["input_tokens"],
                                                                 final["usage"]["output_tokens"])
+
+
+def test_truncation_auto_drops_the_oldest_items(stack, client):
+    """A conversation longer than the worker's context (2,048 tokens): "disabled" (the default) is
+    a 400 before any generation, "auto" drops the oldest turn and answers."""
+    unit = "def f(x): return x + 1\n"
+    per_unit = httpx.post(stack.worker_url + "/count_token", json={"model": VICUNA, "prompt": unit * 10},
+                          timeout=10).json()["count"] / 10
+    long_text = unit * int(1100 / per_unit)
+    items = [{"role": "user", "content": "OLDEST " + long_text}, {"role": "assistant", "content": "Noted."},
+             {"role": "user", "content": "NEWEST " + long_text}]
+    mark = stack.fastchat.mark()
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model=VICUNA, input=items, **GREEDY)
+    assert error.value.code == "context_length_exceeded" and error.value.param == "input"
+    assert not worker_payloads(stack, mark)
+    response = client.responses.create(model=VICUNA, input=items, truncation="auto", **GREEDY)
+    assert response.truncation == "auto" and response.output_text
+    [sent] = worker_payloads(stack, mark)
+    assert "NEWEST" in sent["prompt"] and "OLDEST" not in sent["prompt"]
+    # what was stored is the request's input as sent (OpenAI's input_items)
+    assert len(client.responses.input_items.list(response.id).data) == 3
 
 
 # 2. Tools, with llama.cpp's real server
