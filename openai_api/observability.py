@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,7 +183,10 @@ def observe(ctx: RequestContext) -> None:
     if ctx.completion_tokens:
         metrics.completion_tokens.inc(ctx.completion_tokens)
     if settings.GATEWAY_ACCESS_LOG and access_logger.isEnabledFor(logging.INFO):
-        access_logger.info(access_line(ctx))
+        # access_logger.info() without its walk up the stack to find the caller: it is this line.
+        here = sys._getframe()
+        access_logger.handle(access_logger.makeRecord(access_logger.name, logging.INFO, here.f_code.co_filename,
+                                                      here.f_lineno, access_line(ctx), (), None, here.f_code.co_name))
 
 
 def access_line(ctx: RequestContext) -> str:
