@@ -281,6 +281,26 @@ def test_the_sdk_reads_the_object():
     assert response.usage.output_tokens_details.reasoning_tokens == 1
 
 
+def test_a_refusal_is_a_message_with_a_refusal_part():
+    from openai.types.responses import Response
+
+    answer = completion({"role": "assistant", "content": None, "refusal": "I can't help with that."})
+    response = output.from_completion(BASE, answer, Usage(5, 3))
+    (item,) = response["output"]
+    assert item["content"] == [{"type": "refusal", "refusal": "I can't help with that."}]
+    assert Response.model_validate(response).output_text == ""
+
+
+def test_a_refusal_sent_back_as_input_is_chats_assistant_refusal():
+    body = chat_body(request(input=[
+        {"role": "user", "content": "x"},
+        {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+        {"role": "user", "content": "y"},
+    ]))
+    assert body["messages"][1] == {"role": "assistant", "content": "", "refusal": "No."}
+    parse_chat(body)
+
+
 def test_tool_calls_without_text_are_function_call_items_only():
     message = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}},
@@ -443,6 +463,19 @@ def test_a_length_stop_ends_with_response_incomplete():
     final = events[-1]["response"]
     assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert events[-2]["item"]["status"] == "incomplete" == final["output"][0]["status"]
+
+
+def test_a_streamed_refusal_is_its_own_message_with_refusal_events():
+    events, _ = events_of([chunk({"role": "assistant", "content": ""}), chunk({"refusal": "I can't"}),
+                           chunk({"refusal": " help."}), chunk(finish_reason="stop")])
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.refusal.delta", "response.refusal.delta", "response.refusal.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert events[3]["part"] == {"type": "refusal", "refusal": ""}
+    assert events[6]["refusal"] == "I can't help."
+    (item,) = events[-1]["response"]["output"]
+    assert item["content"] == [{"type": "refusal", "refusal": "I can't help."}]
 
 
 def test_an_empty_answer_still_has_its_message():

@@ -7,6 +7,7 @@
                      content_part.done, output_item.done
       function_call: output_item.added, function_call_arguments.delta..., function_call_arguments.done,
                      output_item.done
+      refusal:       a message as text is, with refusal.delta... and refusal.done
     response.completed | response.incomplete (max_output_tokens) | response.failed (mid-stream failure)
 
 Text opens a message item; a chunk's tool-call delta opens (by its `index`) a function_call item.
@@ -35,7 +36,8 @@ def frame(kind: str, payload: dict[str, Any]) -> bytes:
 
 
 class Item:
-    """An output item being streamed: a message's text or a function call's arguments."""
+    """An output item being streamed: a message's text ("message") or refusal ("refusal"), or a
+    function call's arguments ("function_call")."""
 
     __slots__ = ("kind", "id", "index", "parts", "call_id", "name", "done", "status")
 
@@ -51,8 +53,8 @@ class Item:
         return "".join(self.parts)
 
     def as_output(self, status: str) -> dict[str, Any]:
-        if self.kind == "message":
-            return output.message_item(self.id, self.text, status)
+        if self.kind != "function_call":
+            return output.message_item(self.id, self.text, status, refusal=self.kind == "refusal")
         return output.function_call_item(self.id, self.call_id, self.name, self.text, status)
 
 
@@ -107,6 +109,9 @@ class ResponseEvents:
                 text = delta.get("content")
                 if isinstance(text, str) and text:
                     events.append(self.text_delta(text))
+                refusal = delta.get("refusal")
+                if isinstance(refusal, str) and refusal:
+                    events.append(self.refusal_delta(refusal))
                 for call in delta.get("tool_calls") or ():
                     if isinstance(call, dict):
                         events.append(self.call_delta(call))
@@ -120,10 +125,11 @@ class ResponseEvents:
         self.items.append(item)
         self.current = item
         events += self.event("response.output_item.added", output_index=item.index,
-                             item=item.as_output("in_progress") | ({"content": []} if item.kind == "message" else {}))
-        if item.kind == "message":
+                             item=item.as_output("in_progress") | ({"content": []} if item.kind != "function_call" else {}))
+        if item.kind != "function_call":
+            part = output.refusal_part("") if item.kind == "refusal" else output.text_part("")
             events += self.event("response.content_part.added", item_id=item.id, output_index=item.index,
-                                 content_index=0, part=output.text_part(""))
+                                 content_index=0, part=part)
         return events
 
     def text_delta(self, text: str) -> bytes:
@@ -143,6 +149,16 @@ class ResponseEvents:
         sequence = self.sequence
         self.sequence = sequence + 1
         return events + head + str(sequence).encode() + middle + orjson.dumps(text) + b',"logprobs":[]}\n\n'
+
+    def refusal_delta(self, text: str) -> bytes:
+        item = self.current
+        events = b""
+        if item is None or item.kind != "refusal":
+            item = Item("refusal", random_id("msg_"), len(self.items))
+            events = self.open(item)
+        item.parts.append(text)
+        return events + self.event("response.refusal.delta", item_id=item.id, output_index=item.index,
+                                   content_index=0, delta=text)
 
     def call_delta(self, call: dict[str, Any]) -> bytes:
         index = call.get("index", 0)
@@ -179,6 +195,12 @@ class ResponseEvents:
                                 content_index=0, text=text, logprobs=[])
             events += self.event("response.content_part.done", item_id=item.id, output_index=item.index,
                                  content_index=0, part=output.text_part(text))
+        elif item.kind == "refusal":
+            text = item.text
+            events = self.event("response.refusal.done", item_id=item.id, output_index=item.index,
+                                content_index=0, refusal=text)
+            events += self.event("response.content_part.done", item_id=item.id, output_index=item.index,
+                                 content_index=0, part=output.refusal_part(text))
         else:
             events = self.event("response.function_call_arguments.done", item_id=item.id, output_index=item.index,
                                 name=item.name, arguments=item.text)

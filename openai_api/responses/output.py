@@ -50,12 +50,17 @@ def base_response(request: ResponsesRequest, response_id: str, created_at: int, 
     }
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "status": status, "content": [text_part(text)], "role": "assistant"}
+def message_item(item_id: str, text: str, status: str = "completed", refusal: bool = False) -> dict[str, Any]:
+    part = refusal_part(text) if refusal else text_part(text)
+    return {"id": item_id, "type": "message", "status": status, "content": [part], "role": "assistant"}
 
 
 def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+
+def refusal_part(text: str) -> dict[str, Any]:
+    return {"type": "refusal", "refusal": text}
 
 
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
@@ -102,8 +107,8 @@ def failed(base: dict[str, Any], output: list[dict[str, Any]], code: str, messag
 
 
 def output_items(completion: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-    """A chat completion's first choice as Responses output items (its text as one message, then
-    its tool calls as function_call items) and the choice's finish_reason."""
+    """A chat completion's first choice as Responses output items (its text as one message, its
+    refusal as another, then its tool calls as function_call items) and the choice's finish_reason."""
     choices = completion.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
@@ -111,8 +116,12 @@ def output_items(completion: dict[str, Any]) -> tuple[list[dict[str, Any]], str 
     items: list[dict[str, Any]] = []
     text = message.get("content")
     calls = [call for call in message.get("tool_calls") or () if isinstance(call, dict)]
-    if (isinstance(text, str) and text) or not calls:
+    refusal = message.get("refusal")
+    refused = isinstance(refusal, str) and bool(refusal)
+    if (isinstance(text, str) and text) or not (calls or refused):
         items.append(message_item(random_id("msg_"), text if isinstance(text, str) else ""))
+    if refused:
+        items.append(message_item(random_id("msg_"), refusal, refusal=True))
     for call in calls:
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else random_id("call_")

@@ -359,6 +359,12 @@ def parse_part(part: Any, where: str, role: str) -> dict[str, Any]:
         if kind == "output_text":
             return {"type": "output_text", "text": text, "annotations": []}
         return input_text(text)
+    if kind == "refusal" and role == "assistant":  # an earlier answer's refusal, sent back
+        refusal = part.get("refusal")
+        if not isinstance(refusal, str):
+            raise type_error(f"{where}.refusal", "a string", refusal)
+        check_chars(f"{where}.refusal", refusal, protocol.bounds.content_chars)
+        return {"type": "refusal", "refusal": refusal}
     if kind == "input_image" and role == "user":
         url = part.get("image_url")
         if not isinstance(url, str) or not url:
@@ -416,7 +422,11 @@ def chat_message(item: dict[str, Any]) -> dict[str, Any]:
     parts = item["content"]
     if role != "user" or all(part["type"] != "input_image" for part in parts):
         # Text only (assistant, system: always): one string, as the equivalent chat request sends it.
-        return {"role": role, "content": "".join(part["text"] for part in parts)}
+        message = {"role": role, "content": "".join(part.get("text", "") for part in parts)}
+        refusals = [part["refusal"] for part in parts if part["type"] == "refusal"]
+        if refusals:  # chat's assistant `refusal` (a FastChat prompt has no place for it)
+            message["refusal"] = "".join(refusals)
+        return message
     content = []
     for part in parts:
         if part["type"] == "input_image":
