@@ -478,6 +478,15 @@ def test_a_streamed_refusal_is_its_own_message_with_refusal_events():
     assert item["content"] == [{"type": "refusal", "refusal": "I can't help."}]
 
 
+def test_a_content_filter_stop_is_incomplete_for_content_filter():
+    events, _ = events_of([chunk({"content": "Hel"}), chunk(finish_reason="content_filter")])
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}
+    plain = output.from_completion(BASE, completion({"role": "assistant", "content": "Hel"}, "content_filter"),
+                                   Usage(5, 3))
+    assert plain["incomplete_details"] == {"reason": "content_filter"} and plain["output"][0]["status"] == "incomplete"
+
+
 def test_an_empty_answer_still_has_its_message():
     events, _ = events_of([chunk({"role": "assistant", "content": ""}), chunk(finish_reason="stop")])
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == ""

@@ -211,7 +211,7 @@ class ResponseEvents:
     async def end(self, usage: Usage) -> bytes:
         """Close the open item, build the final response, run `finalise` on it (the store's save:
         before the client hears of it), then `response.completed` or `response.incomplete`."""
-        status = "incomplete" if self.finish_reason == "length" else "completed"
+        status = "incomplete" if self.finish_reason in output.INCOMPLETE else "completed"
         events = b""
         if not self.items:  # no text at all: still one (empty) message, as the non-streamed answer has
             events += self.open(Item("message", random_id("msg_"), 0))

@@ -13,6 +13,9 @@ from openai_api.responses.request import ResponsesRequest
 from upstreams.ids import random_id
 from upstreams.usage import Usage, token_count
 
+# Chat finish reasons that leave a response incomplete, and the reason OpenAI gives.
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
 
 def new_id() -> str:
     return random_id("resp_")
@@ -87,13 +90,14 @@ def usage_object(usage: Usage, reported: Any = None) -> dict[str, Any]:
 
 def finished(base: dict[str, Any], output: list[dict[str, Any]], finish_reason: str | None,
              usage: dict[str, Any]) -> dict[str, Any]:
-    """The final response: completed, or incomplete when the output hit max_output_tokens."""
+    """The final response: completed, or incomplete when the output hit max_output_tokens (or a
+    content filter)."""
     response = dict(base)
     response["output"] = output
     response["usage"] = usage
-    if finish_reason == "length":
+    if finish_reason in INCOMPLETE:
         response["status"] = "incomplete"
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        response["incomplete_details"] = {"reason": INCOMPLETE[finish_reason]}
     else:
         response["status"] = "completed"
         response["completed_at"] = int(time.time())
@@ -128,7 +132,7 @@ def output_items(completion: dict[str, Any]) -> tuple[list[dict[str, Any]], str 
         name, arguments = function.get("name"), function.get("arguments")
         items.append(function_call_item(random_id("fc_"), call_id, name if isinstance(name, str) else "",
                                         arguments if isinstance(arguments, str) else ""))
-    if finish_reason == "length":  # the item the limit cut (a stream marks the one still open)
+    if finish_reason in INCOMPLETE:  # the item the limit cut (a stream marks the one still open)
         items[-1]["status"] = "incomplete"
     return items, finish_reason if isinstance(finish_reason, str) else None
 
