@@ -500,6 +500,8 @@ def test_a_streamed_function_tool_round_trip(stack, client):
     with client.responses.stream(**ASK_WEATHER) as stream:
         events = list(stream)
         final = stream.get_final_response()
+    assert_sequence(events)
+    assert collapsed([event.type for event in events]) == [*CALL_EVENTS, "response.completed"]
     [added] = [event for event in events if event.type == "response.output_item.added"]
     assert added.item.type == "function_call" and added.item.name == "get_weather" and added.item.call_id
     deltas = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
