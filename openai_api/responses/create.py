@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse
 from openai_api import protocol
 from openai_api.endpoint import api_endpoint, read_json
 from openai_api.errors import OpenAIError
-from openai_api.responses import output
+from openai_api.responses import output, store
 from openai_api.responses.events import ResponseEvents
 from openai_api.responses.request import ResponsesRequest, chat_body, parse_request
 from openai_api.views import admit_model, respond
@@ -59,12 +59,6 @@ def chat_call(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatC
         return protocol.parse_chat(chat_body(request, history))
 
 
-def store_module() -> Any:
-    from openai_api.responses import store  # helper B's module (the database's side)
-
-    return store
-
-
 @api_endpoint("POST")
 async def create_response(request: HttpRequest) -> HttpResponse:
     ctx = request.ctx
@@ -72,7 +66,7 @@ async def create_response(request: HttpRequest) -> HttpResponse:
     history: list[dict[str, Any]] = []
     if responses_request.previous_response_id is not None:
         # A chain beyond the store's bounds is refused, or with truncation "auto" cut to its newest responses.
-        history = await store_module().conversation_before(ctx.key, responses_request.previous_response_id,
+        history = await store.conversation_before(ctx.key, responses_request.previous_response_id,
                                                            truncate=responses_request.truncation == "auto")
     call = chat_call(responses_request, history)
     router = get_router()
@@ -83,7 +77,7 @@ async def create_response(request: HttpRequest) -> HttpResponse:
     base = output.base_response(responses_request, output.new_id(), int(time.time()), call.public_model)
 
     async def save(response: dict[str, Any]) -> None:
-        await store_module().save(ctx.key, response, list(responses_request.input_items))
+        await store.save(ctx.key, response, list(responses_request.input_items))
 
     finalise = save if responses_request.store else None
 
