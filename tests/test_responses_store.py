@@ -170,7 +170,7 @@ class EndpointTests(GatewayTestCase):
         await self.stored()
         deleted = await self.delete("/v1/responses/resp_abc")
         self.assertEqual(deleted.status_code, 200, deleted.content)
-        self.assertEqual(deleted.json(), {"id": "resp_abc", "object": "response", "deleted": True})
+        self.assertEqual(deleted.json(), {"id": "resp_abc", "object": "response.deleted", "deleted": True})
         self.assertError(await self.get("/v1/responses/resp_abc"), 404)
         self.assertError(await self.get("/v1/responses/resp_abc/input_items"), 404)
         self.assertError(await self.delete("/v1/responses/resp_abc"), 404)

@@ -30,7 +30,8 @@ async def response_view(request: HttpRequest, id: str) -> HttpResponse:  # `id`:
     await admit_request(request)
     if request.method == "DELETE":
         await store.delete(request.ctx.key, id)
-        return json_response({"id": id, "object": "response", "deleted": True})
+        # OpenAI's DeleteResponseResponse (openapi.py ResponseDeleted); its docs' example says "response".
+        return json_response({"id": id, "object": "response.deleted", "deleted": True})
     return HttpResponse(await store.get(request.ctx.key, id), content_type="application/json")
 
 
