@@ -122,8 +122,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         llama = RecordingProxy(tools.port).start()
         cleanup.append(llama.stop)
         wait_for_workers(controller_url, {VICUNA: (worker, worker_port), DEMO: (demo, demo_port)}, tmp)
+        # llama-cpp-python's server cuts a stream in flight when any request comes in (its
+        # interrupt_requests, on by default): `[DONE]` with no finish_reason. The gateway's health
+        # probe (GET /v1/models every GATEWAY_UPSTREAM_PROBE_SECONDS) would cut a stream now and
+        # then, so it probes once, at its start, here.
         gateway = start_gateway(tmp, controller_url, server="uvicorn",
-                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": "30"})
+                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": "30", "GATEWAY_UPSTREAM_PROBE_SECONDS": "3600"})
         cleanup.append(gateway.stop)
         gateway.manage("upstreams", "apply", str(registry_file(tmp, controller_url, llama.address + "/v1")))
         key = gateway.create_key("responses-e2e")
