@@ -3,6 +3,7 @@ the same transport sends, and fails the same way."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import aiohttp
 import httpx
@@ -11,7 +12,7 @@ from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
 from tests.procs import free_port
-from upstreams.transport import RequestHeaders, httpx_request, send
+from upstreams.transport import RequestHeaders, body_parts, httpx_request, raw_parts, send
 
 HEADERS = RequestHeaders([(b"content-type", b"application/json"), (b"user-agent", b"Django OpenAI Gateway"),
                           (b"x-extra", b"caf\xc3\xa9"), (b"x-twice", b"1"), (b"x-twice", b"2")])
@@ -21,6 +22,8 @@ TIMEOUTS = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
 async def echo(request: web.Request) -> web.Response:
     if request.path == "/slow":
         await asyncio.sleep(1)
+    if request.path == "/gzip":
+        return web.Response(body=gzip.compress(b'{"zipped": true}' * 100), headers={"Content-Encoding": "gzip"})
     body = await request.read()
     seen = sorted((name.lower(), value) for name, value in request.raw_headers)
     return web.json_response({"method": request.method, "path": request.path_qs, "body": body.decode(),
@@ -87,3 +90,27 @@ def test_the_direct_path_fails_as_an_httpx_request_does():
 
     late = asyncio.run(with_server(slow))
     assert late[0] == late[1] and issubclass(late[0][0], httpx.TimeoutException)
+
+
+def test_bodies_read_straight_from_aiohttp_are_the_bytes_httpx_gives():
+    async def scenario(base, transport):
+        found = {}
+        for path in ("/v1/models", "/gzip"):
+            for reader in (body_parts, raw_parts):
+                direct = await send("GET", base + path, b"", HEADERS, TIMEOUTS, transport)
+                through_httpx = await transport.handle_async_request(
+                    httpx_request("GET", base + path, b"", HEADERS, TIMEOUTS))
+                httpx_reader = through_httpx.aiter_bytes if reader is body_parts else through_httpx.aiter_raw
+                try:
+                    found[path, reader.__name__] = (b"".join([part async for part in reader(direct)]),
+                                                    b"".join([part async for part in httpx_reader()]))
+                finally:
+                    await direct.aclose()
+                    await through_httpx.aclose()
+        return found
+
+    found = asyncio.run(with_server(scenario))
+    for (path, reader), (direct, through_httpx) in found.items():
+        assert direct == through_httpx, (path, reader)
+    assert found["/gzip", "body_parts"][0] == b'{"zipped": true}' * 100  # decoded, as httpx does
+    assert found["/gzip", "raw_parts"][0] != found["/gzip", "body_parts"][0]  # raw: as sent

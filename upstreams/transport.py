@@ -10,7 +10,7 @@ import asyncio
 import contextvars
 import functools
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -71,6 +71,24 @@ async def send_direct(transport: AiohttpTransport, method: str, url: str, conten
         extensions["reason_phrase"] = response.reason.encode()
     return httpx.Response(status_code=response.status, headers=response.raw_headers,
                           stream=AiohttpResponseStream(response), extensions=extensions)
+
+
+def raw_parts(response: httpx.Response) -> AsyncIterator[bytes]:
+    """response.aiter_raw(): for an answer of send_direct() straight from its aiohttp stream
+    (httpx's layer only counts the bytes and closes the response at the end, which every caller
+    does in a `finally`), so that each network read of a 64-chunk stream goes through two
+    generators fewer."""
+    if type(response.stream) is AiohttpResponseStream:
+        return response.stream.__aiter__()
+    return response.aiter_raw()
+
+
+def body_parts(response: httpx.Response) -> AsyncIterator[bytes]:
+    """response.aiter_bytes(): as raw_parts() when httpx would pass the bytes through unchanged
+    (no Content-Encoding to decode)."""
+    if type(response.stream) is AiohttpResponseStream and "content-encoding" not in response.headers:
+        return response.stream.__aiter__()
+    return response.aiter_bytes()
 
 
 def httpx_request(method: str, url: str, content: bytes, headers: RequestHeaders, timeout: Timeouts) -> httpx.Request:

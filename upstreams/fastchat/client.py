@@ -27,7 +27,7 @@ from upstreams.errors import (
     UpstreamFailure,
     UpstreamTimeout,
 )
-from upstreams.transport import RequestHeaders, Timeouts, send
+from upstreams.transport import RequestHeaders, Timeouts, body_parts, raw_parts, send
 from upstreams.usage import token_count
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class FastChatClient:
         """The whole body, within the deadline and the size cap; the response is closed."""
         parts, size = [], 0
         try:
-            async for data in response.aiter_bytes():
+            async for data in body_parts(response):
                 size += len(data)
                 if size > self.max_bytes:
                     raise too_large(f"{who}'s answer", self.max_bytes, url)
@@ -313,7 +313,7 @@ class WorkerStream:
         pending: list[bytes] = []  # the pieces of a chunk whose NUL has not arrived yet
         pending_size = 0
         try:
-            async for data in self.response.aiter_raw():
+            async for data in raw_parts(self.response):
                 if time.monotonic() > self.deadline:
                     raise overdue("worker", self.url)
                 *complete, rest = data.split(b"\0")

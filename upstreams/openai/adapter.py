@@ -31,7 +31,7 @@ from upstreams.openai.deviations import Deviations
 from upstreams.openai.failures import hidden_in_messages, status_failure, transport_failure
 from upstreams.openai.rewrite import json_string
 from upstreams.openai.stream import FanOutStream, PassThroughStream
-from upstreams.transport import RequestHeaders, get_transport, send
+from upstreams.transport import RequestHeaders, body_parts, get_transport, send
 from upstreams.usage import Usage
 
 USER_AGENT = b"Django OpenAI Gateway"
@@ -310,7 +310,7 @@ class OpenAIAdapter:
         within the deadline; the response is closed."""
         parts, size = [], 0
         try:
-            async for data in response.aiter_bytes():
+            async for data in body_parts(response):
                 size += len(data)
                 if size > limit:
                     if truncate:

@@ -25,6 +25,7 @@ from upstreams.openai.chunks import ToolCallHeaders, text_pieces
 from upstreams.openai.failures import Hidden, scrubbed, transport_failure, upstream_message
 from upstreams.openai.rewrite import with_model
 from upstreams.openai.sse import EventTooLarge, SSEParser
+from upstreams.transport import body_parts
 from upstreams.usage import Usage
 
 DONE = b"[DONE]"
@@ -113,7 +114,7 @@ class PassThroughStream:
     async def _read(self):
         parser = SSEParser(self.max_bytes)
         try:
-            async for piece in self.response.aiter_bytes():
+            async for piece in body_parts(self.response):
                 if time.monotonic() > self.deadline:
                     raise UpstreamTimeout("The upstream did not finish within GATEWAY_UPSTREAM_DEADLINE.",
                                           retryable=False, log_detail=self.url)
