@@ -125,6 +125,14 @@ _tiers: dict[int, tuple[tuple, list]] = {}
 
 
 def weighted(routes: Sequence[RouteLike], rng: random.Random) -> RouteLike:
+    if len(routes) == 1:
+        # The one route, with the draw rng.choices / rng.randrange would take (a seeded RNG gives
+        # the same sequence), without choices' cumulative weights (a few us per request).
+        if routes[0].weight > 0:
+            rng.random()
+        else:
+            rng.randrange(1)
+        return routes[0]
     weights = [max(route.weight, 0) for route in routes]
     if sum(weights) <= 0:
         return routes[rng.randrange(len(routes))]
