@@ -225,6 +225,16 @@ class EndpointTests(GatewayTestCase):
         self.assertEqual(shown(await self.page("?limit=100&include[]=message.input_image.image_url")),
                          (ids[::-1], "msg_4", "msg_0", False))
 
+    async def test_cursors_that_leave_nothing_between_them_give_an_empty_page(self):
+        # Each cursor is an item of the response: `before` at or beyond `after` is an empty page,
+        # not the 400 of an unknown cursor (it was looked up among the items after `after`).
+        await self.stored()
+        for query in ("?after=msg_2&before=msg_2", "?after=msg_1&before=msg_3", "?order=asc&after=msg_3&before=msg_1"):
+            with self.subTest(query=query):
+                page = await self.page(query)
+                self.assertEqual((page["data"], page["first_id"], page["last_id"], page["has_more"]),
+                                 ([], None, None, False))
+
     async def test_input_items_parameters_are_checked(self):
         await self.stored()
         for query, param in (("?limit=0", "limit"), ("?limit=101", "limit"), ("?limit=abc", "limit"),

@@ -319,13 +319,14 @@ def read_items(key_id: int, response_id: str, query: ItemsQuery) -> ItemsPage | 
     pk = responses.values_list("pk", flat=True).first()
     if pk is None:
         return None
-    items = StoredInputItem.objects.filter(response_id=pk)
+    items = all_items = StoredInputItem.objects.filter(response_id=pk)
     ascending = query.order == "asc"
     for param, later in (("after", ascending), ("before", not ascending)):
         cursor = getattr(query, param)
         if cursor is None:
             continue
-        position = items.filter(item_id=cursor).order_by("position").values_list("position", flat=True).first()
+        # Looked up among all the items: `before` may name one that `after` left out (an empty page).
+        position = all_items.filter(item_id=cursor).order_by("position").values_list("position", flat=True).first()
         if position is None:
             if not responses.exists():
                 return None
