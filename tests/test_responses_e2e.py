@@ -402,10 +402,16 @@ def test_retrieve_input_items_and_delete(stack, client):
 
 def test_another_key_gets_404_for_all_three(stack, client, other_client):
     response = client.responses.create(model=VICUNA, input="Hello there", **GREEDY)
+    absent = "resp_" + "0" * len(response.id.removeprefix("resp_"))
     for call in (other_client.responses.retrieve, other_client.responses.input_items.list,
                  other_client.responses.delete):
         with pytest.raises(openai.NotFoundError) as error:
             call(response.id)
+        with pytest.raises(openai.NotFoundError) as missing_error:
+            call(absent)
+        # as if it did not exist: the same answer as for an id nobody has
+        assert error.value.response.json() == json.loads(
+            missing_error.value.response.text.replace(absent, response.id))
         assert error.value.response.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError) as error:
         other_client.responses.create(model=VICUNA, input="Hi", previous_response_id=response.id, **GREEDY)
