@@ -74,6 +74,7 @@ class Stack:
     fastchat: Any  # tests.test_real_worker.RecordingProxy in front of the worker
     llama: Any  # the same in front of llama.cpp's server
     worker_url: str
+    demo_url: str  # the demo worker's own address (its /_fake/config)
     log_dir: Path
 
 
@@ -133,7 +134,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         key = gateway.create_key("responses-e2e")
         wait_for_models(gateway.base_url, key, {VICUNA, DEMO, TOOLS})
         yield Stack(gateway, key, gateway.create_key("responses-other"), gateway.create_key("responses-agents"),
-                    fastchat, llama, f"http://{HOST}:{worker_port}", tmp)
+                    fastchat, llama, f"http://{HOST}:{worker_port}", f"http://{HOST}:{demo_port}", tmp)
     finally:
         for stop in reversed(cleanup):
             stop()
@@ -341,6 +342,23 @@ def test_json_with_a_schema_streamed_and_not(stack, client):
     # (llama.cpp's streams carry no usage: the gateway counts the output, estimates the input)
     assert final.status == "completed" and final.usage.output_tokens == answer.usage.output_tokens
     assert [output_shape(item) for item in final.output] == [output_shape(item) for item in answer.output]
+
+
+def test_a_worker_failing_mid_stream_ends_it_with_response_failed(stack, client):
+    with httpx.Client(base_url=stack.demo_url, timeout=5) as worker:
+        worker.post("/_fake/config", json={"fail_after_chunks": 3}).raise_for_status()
+        try:
+            with client.responses.stream(model=DEMO, input="Hello there", max_output_tokens=32) as stream:
+                events = list(stream)
+        finally:
+            worker.post("/_fake/reset").raise_for_status()
+    assert_sequence(events)
+    types = collapsed([event.type for event in events])
+    assert types == [*TEXT_EVENTS[:5], "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.error.message
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert [output_shape(item) for item in failed.output] == [("message", "assistant", "in_progress", text)]
 
 
 def test_stream_frames_are_openais(stack):
