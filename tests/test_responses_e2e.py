@@ -585,7 +585,7 @@ def test_the_agents_sdk(stack):
     assert any({"role": "tool", "tool_call_id": message.get("tool_call_id"), "content": tool["tool_outputs"][0]}
                == message for body in bodies for message in body["messages"])
     # the stop_on_first_tool agent's final output is the tool's result itself
-    assert runs["stop"]["final_output"] == runs["stop"]["tool_outputs"][0]
+    assert runs["stop"]["final_output"] == runs["stop"]["tool_outputs"][0] == tool["tool_outputs"][0]
     text = runs["text"]
     assert text["items"] == ["MessageOutputItem"] and text["final_output"] == text["messages"][0]
     assert text["final_output"] and text["usage"][0][1] > 0
