@@ -59,6 +59,8 @@ def start_llama_server(model: Path, log_dir: Path, *, alias: str, chat_format: s
         "--model", str(model), "--model_alias", alias, "--chat_format", chat_format,
         "--host", HOST, "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "1",
         "--verbose", "False",
+        # Otherwise any request (the gateway's health probe) cuts a stream in flight: docs/openai-upstreams.md.
+        "--interrupt_requests", "False",
     ]  # fmt: skip
     if api_key:
         args += ["--api_key", api_key]

@@ -248,6 +248,26 @@ def test_mid_stream_failures_are_raised_after_the_chunks_before_them(monkeypatch
         assert len(seen) == 3 and error.retryable is False
 
 
+def test_done_without_a_finish_reason_is_a_cut_stream_not_a_finished_one(monkeypatch):
+    """llama.cpp's server (llama-cpp-python) ends a stream it interrupts (another request came in)
+    with `[DONE]` and no finish_reason: a client must not take it for a whole answer."""
+    cut = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+           b'"delta":{"content":"hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n')
+    h = Harness(monkeypatch, FakeOpenAI(raw_stream=cut))
+
+    async def scenario():
+        stream = await h.adapter.chat_stream(chat_call(stream=True), route())
+        seen = []
+        with pytest.raises(BadAnswer, match="before it finished") as caught:
+            async for raw in stream:
+                seen.append(raw)
+        await stream.aclose()
+        return seen, caught.value
+
+    seen, error = h.run(scenario())
+    assert len(seen) == 1 and error.retryable is False
+
+
 def test_an_error_event_before_any_chunk_is_retryable(monkeypatch):
     h = Harness(monkeypatch, FakeOpenAI(error_after=0))
     with pytest.raises(ServerFailure) as caught:

@@ -56,7 +56,10 @@ class PassThroughStream:
         self.pieces = 0  # text-bearing deltas, for the estimate
         self.last_id: Any = None
         self.created: Any = None
-        self.finished = False  # a finish_reason or [DONE] was seen
+        # A finish_reason (or the usage chunk after it) was seen. `[DONE]` alone is not enough: llama.cpp's
+        # server (llama-cpp-python) ends a stream it cuts short with `[DONE]` and no finish_reason
+        # (docs/openai-upstreams.md), which a client would take for a finished answer.
+        self.finished = False
         self.started = False
         self._first: bytes | None = None
         self._chunks = self._read()
@@ -120,8 +123,8 @@ class PassThroughStream:
                                           retryable=False, log_detail=self.url)
                 done = False
                 for event, data in parser.feed(piece):
-                    if data == DONE:
-                        self.finished = done = True
+                    if data == DONE:  # ends the stream; finished only after a finish_reason (below)
+                        done = True
                         break
                     chunk = self._chunk(event, data)
                     if chunk is not None:
