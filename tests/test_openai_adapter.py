@@ -393,6 +393,21 @@ def test_llama_cpp_streams_get_estimated_usage(monkeypatch, llama):
     assert chunks[-1]["usage"]["completion_tokens"] == len(llama.words)
 
 
+def test_the_prompt_estimate_counts_the_tools_and_calls_a_template_writes_out():
+    from upstreams.openai.chunks import estimated_prompt_tokens
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "The weather now in a city " * 8,
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris, France, Europe, Earth"}'}}]}
+    plain = estimated_prompt_tokens({"messages": messages})
+    with_tools = estimated_prompt_tokens({"messages": messages, "tools": [tool]})
+    with_call = estimated_prompt_tokens({"messages": [*messages, call], "tools": [tool]})
+    assert with_tools >= plain + 60  # the definition is longer than 240 characters
+    assert with_call >= with_tools + 15
+
+
 def test_llama_cpp_n_is_fanned_out_and_merged(monkeypatch, llama):
     h = Harness(monkeypatch, llama)
     answer = h.run(h.adapter.chat(chat_call(n=3), route()))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
+
 
 class ToolCallHeaders:
     """Remembers which (choice, tool call) has had its header; strips repeats in place."""
@@ -91,6 +93,13 @@ def estimated_tokens(text_chars: int) -> int:
     return math.ceil(text_chars / 4)
 
 
+def json_chars(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return 0
+
+
 def estimated_prompt_tokens(body: dict[str, Any]) -> int:
     """About the prompt's tokens, from the request body the upstream received."""
     chars = 0
@@ -106,6 +115,10 @@ def estimated_prompt_tokens(body: dict[str, Any]) -> int:
             elif isinstance(content, list):
                 chars += sum(len(part.get("text", "")) for part in content
                              if isinstance(part, dict) and isinstance(part.get("text"), str))
+            if message.get("tool_calls"):  # a template writes the calls' names and arguments out
+                chars += json_chars(message["tool_calls"])
+    if body.get("tools"):  # and the tools' definitions, mostly into a system message
+        chars += json_chars(body["tools"])
     for key in ("prompt", "input"):
         value = body.get(key)
         if isinstance(value, str):
