@@ -23,6 +23,7 @@ from django.utils.html import format_html
 
 from keys import dashboard, permissions
 from keys.admin_audit import AuditHistoryMixin  # also registers the audit trail's admin
+from keys.admin_site import ReadOnlyAdmin
 from keys.models import APIKey, UsageDaily, UsageRecord
 from keys.spreadsheet import safe_row
 from keys.team_admin import CurrencyField
@@ -315,7 +316,7 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdmin):
     """Read-only: usage rows are written by the API path only."""
 
     list_display = ["created_at", "key", "model", "upstream", "endpoint", "outcome", "tokens", "spend", "latency",
@@ -329,15 +330,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_per_page = 100
     actions = ["export_selected"]
     change_list_template = "admin/keys/usagerecord/change_list.html"
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     @admin.display(description="status", ordering="status")
     def outcome(self, row: UsageRecord) -> str:

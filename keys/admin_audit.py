@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
+from keys.admin_site import ReadOnlyAdmin
 from keys.audit.models import AuditEntry
 from keys.spreadsheet import safe_row
 
@@ -73,7 +74,7 @@ def csv_response(queryset, filename: str) -> StreamingHttpResponse:
 
 
 @admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
+class AuditEntryAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "origin", "actor_label", "action", "object_type", "object_link", "summary", "ip",
                     "request_id"]
     list_filter = [("actor_user", admin.RelatedOnlyFieldListFilter), ("actor_key", admin.RelatedOnlyFieldListFilter),
@@ -88,15 +89,6 @@ class AuditEntryAdmin(admin.ModelAdmin):
               "action", "object_type", "object_id", "object_repr", "changes_table"]
     readonly_fields = fields
     change_list_template = "admin/keys/auditentry/change_list.html"
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     def lookup_allowed(self, lookup: str, value: str, request=None) -> bool:
         # The object filter that each key's and team's History button applies.

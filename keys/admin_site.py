@@ -34,6 +34,20 @@ def otp_login_form():
     return TokenLoginForm
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A model admin that lists and shows rows and never adds, changes or deletes one, not even
+    for superusers (usage rows, the audit trail, stored responses)."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 class GatewayAdminSite(admin.AdminSite):
     site_header = SITE_HEADER
     site_title = SITE_HEADER

@@ -7,6 +7,7 @@ import orjson
 from django.contrib import admin
 from django.utils.html import format_html
 
+from keys.admin_site import ReadOnlyAdmin
 from openai_api.models import StoredInputItem, StoredResponse
 
 # The most of a stored response the page shows (a body may be megabytes).
@@ -38,7 +39,7 @@ class StatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(StoredResponse)
-class StoredResponseAdmin(admin.ModelAdmin):
+class StoredResponseAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "response_id", "key", "model", "status", "previous_response_id", "item_count",
                     "size_bytes"]
     list_select_related = ["key"]
@@ -56,15 +57,6 @@ class StoredResponseAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         # The list reads no body (a body may be megabytes); one response's page reads its own.
         return super().get_queryset(request).defer("body")
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     @admin.display(description="response")
     def shown_body(self, row: StoredResponse):

@@ -267,7 +267,7 @@ class StoredResponses(SDKMixin, GatewayTestCase):
 
 
 class ToolUpstreamResponses(SDKMixin, GatewayTestCase):
-    """A tool-capable OpenAI-compatible upstream (llama.cpp's server's ways, as issue 6's)."""
+    """A tool-capable OpenAI-compatible upstream (with llama.cpp's server's ways)."""
 
     def setUp(self) -> None:
         super().setUp()

@@ -1,4 +1,4 @@
-"""The Responses API (/v1/responses) end to end: issue 10's acceptance, with the official openai client.
+"""The Responses API (/v1/responses) end to end, with the official openai client.
 
 One stack for the module: FastChat's real controller and model_worker serving the tiny vicuna model
 (tests/tiny_model.py), the demo worker (upstreams/fastchat/demo_worker.py: a canned reply that
