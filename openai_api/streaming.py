@@ -1,7 +1,8 @@
 """Server-sent events: framing the chunks of an upstream stream, the streaming response and its end.
 
-The router hands the face a primed Stream (upstreams/base.py): the JSON bytes of one OpenAI chunk at
-a time. Here each becomes a `data: ` event. Once the 200 status is sent, a failure becomes one
+The router hands the face a primed Stream (upstreams/base.py): batches of OpenAI chunks' JSON bytes,
+the chunks one read from the upstream completed. Here each chunk becomes a `data: ` event, and each
+batch one write to the client. Once the 200 status is sent, a failure becomes one
 `data: {"error": ...}` event followed by `data: [DONE]`. A stream with an `EventTranslator` (the
 Responses API, openai_api/responses/events.py) is framed by it instead: its opening events, each
 chunk's events, its final events; a failure becomes its one failure event, and no `[DONE]` follows.
@@ -103,13 +104,13 @@ async def guarded(stream: Stream, on_end: Any, upstreams: list[Any],
     active = ActiveStream(upstreams)
     active_streams.add(active)
     try:
-        if translator is None:  # chat and completions: the chunk as it came, nothing more per chunk
-            async for chunk in stream:
-                yield b"data: " + chunk + b"\n\n"
+        if translator is None:  # chat and completions: the chunks as they came, one write per batch
+            async for batch in stream:
+                yield b"data: " + b"\n\ndata: ".join(batch) + b"\n\n"
         else:
             yield translator.start()
-            async for chunk in stream:
-                if events := translator.chunk(chunk):
+            async for batch in stream:
+                if events := b"".join([translator.chunk(chunk) for chunk in batch]):
                     yield events
             yield await translator.end(stream.usage)
     except Exception as exc:

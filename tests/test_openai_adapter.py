@@ -19,7 +19,7 @@ from gateway_project import state
 from openai_api.protocol import parse_chat, parse_completion, parse_embeddings
 from tests.base import GatewayTestCase
 from tests.fake_openai_server import OPENAI_UPSTREAM, FakeOpenAI, combined_transport
-from upstreams.base import Route
+from upstreams.base import Route, each_chunk
 from upstreams.errors import (
     BadAnswer,
     ClientFailure,
@@ -73,7 +73,7 @@ class Harness:
     async def collect(self, stream) -> list[dict]:
         chunks = []
         try:
-            async for raw in stream:
+            async for raw in each_chunk(stream):
                 assert isinstance(raw, bytes)
                 chunks.append(orjson.loads(raw))
         finally:
@@ -132,7 +132,7 @@ def test_a_stream_comes_back_chunk_for_chunk_with_the_public_model(monkeypatch, 
 
     async def scenario():
         stream = await h.adapter.chat_stream(chat_call(stream=True), route())
-        raw = [chunk async for chunk in stream]
+        raw = [chunk async for chunk in each_chunk(stream)]
         await stream.aclose()
         return raw, stream.usage
 
@@ -239,7 +239,7 @@ def test_mid_stream_failures_are_raised_after_the_chunks_before_them(monkeypatch
             stream = await h.adapter.chat_stream(chat_call(stream=True), route())
             seen = []
             with pytest.raises(failure) as caught:
-                async for raw in stream:
+                async for raw in each_chunk(stream):
                     seen.append(raw)
             await stream.aclose()
             return seen, caught.value
@@ -259,7 +259,7 @@ def test_done_without_a_finish_reason_is_a_cut_stream_not_a_finished_one(monkeyp
         stream = await h.adapter.chat_stream(chat_call(stream=True), route())
         seen = []
         with pytest.raises(BadAnswer, match="before it finished") as caught:
-            async for raw in stream:
+            async for raw in each_chunk(stream):
                 seen.append(raw)
         await stream.aclose()
         return seen, caught.value
@@ -301,7 +301,7 @@ def test_timeouts_on_a_real_connection(monkeypatch):
     async def read_all(adapter):
         stream = await adapter.chat_stream(chat_call(stream=True), route())
         try:
-            return [chunk async for chunk in stream]
+            return [chunk async for chunk in each_chunk(stream)]
         finally:
             await stream.aclose()
 
@@ -554,7 +554,7 @@ def test_a_fanned_out_stream_left_early_closes_every_upstream_stream(monkeypatch
         return first, stream.streams
 
     first, streams = h.run(scenario())
-    assert orjson.loads(first)["model"] == PUBLIC
+    assert first and all(orjson.loads(chunk)["model"] == PUBLIC for chunk in first)
     assert len(streams) == 3 and all(stream.response.is_closed for stream in streams)
 
 

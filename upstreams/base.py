@@ -4,11 +4,14 @@ Adapters speak OpenAI at their boundary whatever the upstream speaks:
 
 - a non-streamed call returns an `Answer`: OpenAI's response object with `model` set to the public
   name, and its checked `Usage`;
-- a streamed call returns a `Stream`: an async iterator of `bytes`, each the JSON of ONE chunk (no
-  SSE framing), already PRIMED (the adapter returns only once the first chunk arrived, so every
-  failure before it is an exception the router may retry), with `aclose()` and a `usage` that
-  follows the chunks. The final usage chunk is emitted only when `call.include_usage`. The face adds
-  `data: ` framing and `[DONE]`, and turns an exception raised mid-stream into one error event.
+- a streamed call returns a `Stream`: an async iterator of BATCHES, each a non-empty list of `bytes`,
+  each the JSON of ONE chunk (no SSE framing). A batch holds the chunks that one read from the
+  upstream completed: the face sends them in one write, which is what a stream costs per read
+  instead of per chunk, and nothing waits for a batch to fill. The stream is already PRIMED (the
+  adapter returns only once the first batch arrived, so every failure before it is an exception
+  the router may retry), with `aclose()` and a `usage` that follows the chunks. The final usage
+  chunk is emitted only when `call.include_usage`. The face adds `data: ` framing and `[DONE]`,
+  and turns an exception raised mid-stream into one error event (after the chunks read before it).
 
 Failures are upstreams/errors.py exceptions. A non-streamed call also reports its tokens to the
 `observer` the caller passes, however it ends (failed or abandoned calls are charged too).
@@ -71,14 +74,21 @@ class Answer:
 
 
 class Stream(Protocol):
-    """A primed stream of chunk JSON bytes (see the module's docstring)."""
+    """A primed stream of batches of chunk JSON bytes (see the module's docstring)."""
 
     usage: Usage
     route: Route | None
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
 
     async def aclose(self) -> None: ...
+
+
+async def each_chunk(stream: Stream) -> AsyncIterator[bytes]:
+    """A stream's chunks one at a time, for readers that do not care how they arrived."""
+    async for batch in stream:
+        for chunk in batch:
+            yield chunk
 
 
 class Observer(Protocol):

@@ -348,7 +348,7 @@ class TrackedStream:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         try:
             return await self._iterator.__anext__()
         except StopAsyncIteration:

@@ -138,15 +138,16 @@ async def stream(backend: Backend, generations: Generations) -> ChoiceStream:
 
 
 class ChoiceStream:
-    """Concurrent choices, each chunk sent as it is produced: the JSON bytes of one OpenAI chunk
-    at a time, the usage chunk last when the client asked for it."""
+    """Concurrent choices, each chunk sent as soon as it is produced: batches of OpenAI chunks'
+    JSON bytes (upstreams/base.py's Stream), one per batch of worker chunks that arrived together,
+    the usage chunk last when the client asked for it."""
 
     route: Route | None = None
 
     def __init__(self, generations: Generations, streams: list[PrimedStream]):
         self._generations = generations
         self._streams = streams
-        self._chunks = self._run()
+        self._batches = self._run()
         self._closed = False
 
     @property
@@ -154,8 +155,8 @@ class ChoiceStream:
         """The tokens the workers reported so far (an invalid count counts as 0)."""
         return reported_usage(self._streams, self._generations.n)[0]
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._batches
 
     async def aclose(self) -> None:
         """Stop: the worker streams are closed, which stops their generations. While the chunks
@@ -163,11 +164,11 @@ class ChoiceStream:
         if self._closed:
             return
         self._closed = True
-        if not self._chunks.ag_running:
-            await self._chunks.aclose()
+        if not self._batches.ag_running:
+            await self._batches.aclose()
         await close_all(self._streams)
 
-    async def _run(self) -> AsyncIterator[bytes]:
+    async def _run(self) -> AsyncIterator[list[bytes]]:
         generations, streams = self._generations, self._streams
         completion_id, created = random_id(generations.rendering.id_prefix), int(time.time())
         rendering, model, include_usage = generations.rendering, generations.public_model, generations.include_usage
@@ -180,32 +181,44 @@ class ChoiceStream:
                 body["usage"] = None
             return orjson.dumps(body)
 
-        for index in range(len(streams)):
-            opening = rendering.opening(index)
-            if opening is not None:
-                yield chunk(opening)
+        # The openings go out with the first worker chunks (already read: the streams are primed).
+        batch = [chunk(opening) for index in range(len(streams))
+                 if (opening := rendering.opening(index)) is not None]
         streams_logprobs = rendering.streams_logprobs
         try:
-            async for index, worker_chunk in merge([stream.chunks() for stream in streams]):
-                check_worker_error(worker_chunk)
+            async for index, worker_batch in merge([stream.batches() for stream in streams]):
                 state = states[index]
-                delta = state.update(worker_chunk)
-                logprobs = state.logprobs_delta(worker_chunk) if streams_logprobs else None
-                if delta:
-                    yield chunk(rendering.delta(index, delta, logprobs))
-                if state.take_finish():
-                    yield chunk(rendering.finish(index, state.finish_reason))
+                try:
+                    for worker_chunk in worker_batch:
+                        check_worker_error(worker_chunk)
+                        delta = state.update(worker_chunk)
+                        logprobs = state.logprobs_delta(worker_chunk) if streams_logprobs else None
+                        if delta:
+                            batch.append(chunk(rendering.delta(index, delta, logprobs)))
+                        if state.take_finish():
+                            batch.append(chunk(rendering.finish(index, state.finish_reason)))
+                except Exception:
+                    if batch:  # what the chunks before the failing one produced goes out first
+                        yield batch
+                    raise
+                if batch:
+                    yield batch
+                    batch = []
         except MALFORMED:
             raise BadAnswer("The worker sent a malformed stream chunk.") from None
         for index, state in enumerate(states):
             if state.take_finish(stream_ended=True):
-                yield chunk(rendering.finish(index, state.finish_reason))
+                batch.append(chunk(rendering.finish(index, state.finish_reason)))
         if include_usage:
             usage, valid = reported_usage(streams, generations.n)
             if not valid:
+                if batch:
+                    yield batch
                 raise BadAnswer("The worker reported an invalid token count.")
-            yield orjson.dumps({"id": completion_id, "object": chunk_object, "created": created, "model": model,
-                                "choices": [], "usage": usage.block()})
+            batch.append(orjson.dumps({"id": completion_id, "object": chunk_object, "created": created,
+                                       "model": model, "choices": [], "usage": usage.block()}))
+        if batch:
+            yield batch
 
 
 _END = object()

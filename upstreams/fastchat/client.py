@@ -279,15 +279,17 @@ class WorkerStream:
         self._latest_raw: bytes | None = None
         self._previous_raw: bytes | None = None
 
-    def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """Yield each parsed chunk; the worker's error chunks are yielded, not raised."""
-        return self._chunks(parse=True)
+    def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield the parsed chunks each network read completed (never an empty list); the
+        worker's error chunks are yielded, not raised."""
+        return self._batches(parse=True)
 
     async def last_chunk(self) -> dict[str, Any]:
         """Read the stream to its end and return its last chunk, the worker's answer (the error
         chunk if it failed). Only that chunk is parsed: the others repeat its text in part."""
-        async for raw in self._chunks(parse=False):
-            self._previous_raw, self._latest_raw = self._latest_raw, raw
+        async for raws in self._batches(parse=False):
+            self._previous_raw = raws[-2] if len(raws) > 1 else self._latest_raw
+            self._latest_raw = raws[-1]
         if self._latest_raw is None:
             raise BadAnswer("The worker closed the stream without sending anything.", log_detail=self.url)
         chunk = parse_chunk(self._latest_raw)
@@ -309,7 +311,7 @@ class WorkerStream:
                     return chunk["usage"]
         return self.usage
 
-    async def _chunks(self, parse: bool) -> AsyncIterator[Any]:
+    async def _batches(self, parse: bool) -> AsyncIterator[list[Any]]:
         pending: list[bytes] = []  # the pieces of a chunk whose NUL has not arrived yet
         pending_size = 0
         try:
@@ -321,9 +323,17 @@ class WorkerStream:
                     if pending:
                         pending.append(complete[0])
                         complete[0], pending, pending_size = b"".join(pending), [], 0
-                    for raw in complete:
-                        if raw.strip():
-                            yield self._parse(raw) if parse else raw
+                    batch: list[Any] = []
+                    try:
+                        for raw in complete:
+                            if raw.strip():
+                                batch.append(self._parse(raw) if parse else raw)
+                    except BadAnswer:
+                        if batch:  # the chunks before the bad one are the reader's first
+                            yield batch
+                        raise
+                    if batch:
+                        yield batch
                 if rest:
                     pending.append(rest)
                     pending_size += len(rest)
@@ -336,7 +346,7 @@ class WorkerStream:
             raise error from exc
         raw = b"".join(pending)
         if raw.strip():
-            yield self._parse(raw) if parse else raw
+            yield [self._parse(raw) if parse else raw]
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         chunk = parse_chunk(raw)

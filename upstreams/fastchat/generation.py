@@ -90,16 +90,17 @@ async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
 
 @dataclass
 class PrimedStream:
-    """A worker stream whose first chunk has arrived, so its failures can still be HTTP errors."""
+    """A worker stream whose first chunks have arrived, so its failures can still be HTTP errors."""
 
     stream: WorkerStream
-    first_chunk: dict[str, Any]
-    rest: AsyncIterator[dict[str, Any]]
+    first_batch: list[dict[str, Any]]
+    rest: AsyncIterator[list[dict[str, Any]]]
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        yield self.first_chunk
-        async for chunk in self.rest:
-            yield chunk
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """The worker's chunks, as WorkerStream.batches() read them."""
+        yield self.first_batch
+        async for batch in self.rest:
+            yield batch
 
     def reported_usage(self) -> Any:
         return self.stream.reported_usage()
@@ -111,9 +112,9 @@ class PrimedStream:
 async def open_primed_stream(backend: Backend, address: str, params: dict[str, Any]) -> PrimedStream:
     stream = await backend.open_stream(address, params)
     try:
-        rest = stream.chunks()
+        rest = stream.batches()
         first = await anext(rest)
-        check_worker_error(first)
+        check_worker_error(first[0])
         return PrimedStream(stream, first, rest)
     except StopAsyncIteration:
         await stream.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -61,8 +62,8 @@ class PassThroughStream:
         # (docs/openai-upstreams.md), which a client would take for a finished answer.
         self.finished = False
         self.started = False
-        self._first: bytes | None = None
-        self._chunks = self._read()
+        self._first: list[bytes] | None = None
+        self._batches = self._read()
 
     @property
     def usage(self) -> Usage:
@@ -71,14 +72,14 @@ class PassThroughStream:
         return Usage(self.prompt_estimate, self.pieces, estimated=True)
 
     async def prime(self, first_byte_timeout: float | None) -> PassThroughStream:
-        """Read up to the first chunk (within `first_byte_timeout`); failures before it raise
+        """Read up to the first batch of chunks (within `first_byte_timeout`); failures before it raise
         retryable exceptions. Closes the response on failure."""
         try:
             if first_byte_timeout is not None:
                 async with asyncio.timeout(first_byte_timeout):
-                    self._first = await self._chunks.__anext__()
+                    self._first = await self._batches.__anext__()
             else:
-                self._first = await self._chunks.__anext__()
+                self._first = await self._batches.__anext__()
         except TimeoutError:
             await self.aclose()
             raise UpstreamTimeout(log_detail=f"{self.url}: no first chunk in time") from None
@@ -94,49 +95,49 @@ class PassThroughStream:
     def __aiter__(self) -> PassThroughStream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         first = self._first
         if first is not None:
             self._first = None
             return first
         if self.idle_timeout is None:
-            return await self._chunks.__anext__()
+            return await self._batches.__anext__()
         try:
             async with asyncio.timeout(self.idle_timeout):
-                return await self._chunks.__anext__()
+                return await self._batches.__anext__()
         except TimeoutError:
             raise UpstreamTimeout("The upstream stayed silent too long.", retryable=False,
                                   log_detail=self.url) from None
 
     async def aclose(self) -> None:
         try:
-            await self._chunks.aclose()
+            await self._batches.aclose()
         finally:
             await self.response.aclose()
 
-    async def _read(self):
+    async def _read(self) -> AsyncIterator[list[bytes]]:
         parser = SSEParser(self.max_bytes)
         try:
             async for piece in body_parts(self.response):
                 if time.monotonic() > self.deadline:
                     raise UpstreamTimeout("The upstream did not finish within GATEWAY_UPSTREAM_DEADLINE.",
                                           retryable=False, log_detail=self.url)
-                done = False
-                for event, data in parser.feed(piece):
-                    if data == DONE:  # ends the stream; finished only after a finish_reason (below)
-                        done = True
-                        break
-                    chunk = self._chunk(event, data)
-                    if chunk is not None:
-                        yield chunk
+                batch: list[bytes] = []
+                try:
+                    done = self._take(parser.feed(piece), batch)
+                except Exception:
+                    if batch:  # the chunks before the failure reach the client before its error event
+                        yield batch
+                    raise
+                if batch:
+                    yield batch
                 if done:
                     break
             else:
-                for event, data in parser.close():
-                    if data != DONE:
-                        chunk = self._chunk(event, data)
-                        if chunk is not None:
-                            yield chunk
+                batch = []
+                self._take(parser.close(), batch)
+                if batch:
+                    yield batch
         except httpx.HTTPError as exc:
             raise transport_failure(exc, self.url, started=self.started) from exc
         except EventTooLarge:
@@ -148,7 +149,18 @@ class PassThroughStream:
             raise BadAnswer("The upstream closed the stream before it finished.", log_detail=self.url)
         if self.include_usage and not self.usage_sent:
             # none, or only inside a chunk with choices: the client gets OpenAI's usage chunk
-            yield self.usage_chunk()
+            yield [self.usage_chunk()]
+
+    def _take(self, events: list[tuple[bytes, bytes]], batch: list[bytes]) -> bool:
+        """Append the chunks of `events` for the client to `batch`; True once `[DONE]` came
+        (the stream's end; it is finished only after a finish_reason, see _chunk)."""
+        for event, data in events:
+            if data == DONE:
+                return True
+            chunk = self._chunk(event, data)
+            if chunk is not None:
+                batch.append(chunk)
+        return False
 
     def _chunk(self, event: bytes, data: bytes) -> bytes | None:
         """One event's chunk, ready for the client; None for a chunk the client does not get."""
@@ -224,7 +236,7 @@ class FanOutStream:
     def __aiter__(self) -> FanOutStream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         if self._tasks is None:
             self._tasks = [asyncio.create_task(self._pump(i, stream)) for i, stream in enumerate(self.streams)]
         while self._open:
@@ -235,16 +247,16 @@ class FanOutStream:
             if isinstance(item, BaseException):
                 await self.aclose()
                 raise item
-            return self._renumbered(index, item)
+            return [self._renumbered(index, chunk) for chunk in item]
         if self.include_usage and not self._ended:
             self._ended = True
-            return usage_chunk(self.id, self.streams[0].created, self.public_model, self.usage, self.obj)
+            return [usage_chunk(self.id, self.streams[0].created, self.public_model, self.usage, self.obj)]
         raise StopAsyncIteration
 
     async def _pump(self, index: int, stream: PassThroughStream) -> None:
         try:
-            async for chunk in stream:
-                self._queue.put_nowait((index, chunk))
+            async for batch in stream:
+                self._queue.put_nowait((index, batch))
         except Exception as exc:  # handed to the reader, which raises it
             self._queue.put_nowait((index, exc))
         self._queue.put_nowait((index, None))
