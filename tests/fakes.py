@@ -61,6 +61,7 @@ class FakeFastChat:
     raw_stream: bytes | None = None
     answers: dict[str, Any] = field(default_factory=dict)
     silent_after_chunks: int | None = None
+    one_read: bool = False  # the whole stream in one network read, as from a fast worker
     # Generations running now (an abandoned /worker_generate one included), and all started.
     in_flight: int = 0
     generations_started: int = 0
@@ -176,6 +177,9 @@ class FakeFastChat:
         self.in_flight += 1
         self.generations_started += 1
         try:
+            if self.one_read:
+                yield b"".join(self.encoded_chunks(params))
+                return
             for sent, data in enumerate(self.encoded_chunks(params)):
                 if sent == self.silent_after_chunks:
                     raise httpx.ReadTimeout("the worker stayed silent")

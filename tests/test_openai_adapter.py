@@ -144,6 +144,28 @@ def test_a_stream_comes_back_chunk_for_chunk_with_the_public_model(monkeypatch, 
     assert usage.prompt_tokens == 7 and usage.completion_tokens == 4 and not usage.estimated
 
 
+def test_a_streams_batches_are_the_chunks_each_read_completed(monkeypatch, fake):
+    """What arrives in one read leaves as one batch (one write to the client); a chunk split over
+    two reads comes alone, when its second half arrives, never held for the next one."""
+
+    async def batches(h):
+        stream = await h.adapter.chat_stream(chat_call(stream=True), route())
+        try:
+            return [batch async for batch in stream]
+        finally:
+            await stream.aclose()
+
+    h_apart = Harness(monkeypatch, fake)  # the fake sends each event in two reads
+    apart = h_apart.run(batches(h_apart))
+    assert [len(batch) for batch in apart] == [1] * len(fake.chunks("chat", {"model": SERVED}))
+    together = b"".join(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                        for chunk in fake.chunks("chat", {"model": SERVED, "stream_options": {"include_usage": True}}))
+    h_together = Harness(monkeypatch, FakeOpenAI(raw_stream=together + b"data: [DONE]\n\n"))
+    one = h_together.run(batches(h_together))
+    # the same chunks (the usage chunk the gateway asked for, not the client, dropped), in one batch
+    assert len(one) == 1 and one[0] == [chunk for batch in apart for chunk in batch]
+
+
 def test_the_usage_chunk_reaches_the_client_only_if_it_asked(monkeypatch, fake):
     h = Harness(monkeypatch, fake)
 
