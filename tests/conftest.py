@@ -37,9 +37,10 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gateway_stack(request, tmp_path_factory) -> Iterator:
     """FastChat's controller, demo workers and gateway processes for the end-to-end tests of
-    one module, as its module-level STACK (a tests.gateway_process.StackSpec) describes them;
-    stopped after the module's last test."""
-    from tests.gateway_process import StackSpec, running_stack
+    one module, as its module-level STACK (a tests.gateway_process.StackSpec) describes them
+    (tests/stacks.py running_stack); stopped after the module's last test."""
+    from tests.gateway_process import StackSpec
+    from tests.stacks import running_stack
 
     spec = getattr(request.module, "STACK", StackSpec())
     tmp = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])

@@ -1,26 +1,19 @@
 """Start the gateway itself as a real server process (daphne or uvicorn) for end-to-end tests,
-alone or as part of a whole stack: FastChat's controller, demo workers and gateway processes
-(running_stack, behind the `gateway_stack` fixture of tests/conftest.py)."""
+alone or as part of a whole stack (tests/stacks.py; a module's StackSpec here describes the stack
+of the `gateway_stack` fixture in tests/conftest.py)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.procs import (
-    REPO_ROOT,
-    free_port,
-    start_controller,
-    start_demo_worker,
-    start_process,
-    stop_process,
-    wait_for_models,
-    wait_for_port,
-)
-from tests.services import Services, services
+import httpx
+
+from tests.procs import REPO_ROOT, free_port, start_process, stop_process, wait_for_port
 
 HOST = "127.0.0.1"
 
@@ -54,6 +47,33 @@ class Gateway:
     def create_key(self, name: str = "e2e", *args: str) -> str:
         """A new key's plaintext: the last line create_api_key prints."""
         return self.manage("create_api_key", name, *args).strip().splitlines()[-1]
+
+    def apply_upstreams(self, path: Path, upstreams: list[dict]) -> None:
+        """Write a registry of ``upstreams`` to ``path`` and apply it (`manage.py upstreams apply`)."""
+        path.write_text(json.dumps({"upstreams": upstreams}))
+        self.manage("upstreams", "apply", str(path))
+
+    def wait_for_models(self, key: str, names: Iterable[str], timeout: float = 20.0) -> None:
+        """The gateway rereads its registry within a second; wait until it lists every model."""
+        wanted, deadline, listed = set(names), time.monotonic() + timeout, set()
+        while time.monotonic() < deadline:
+            response = httpx.get(self.base_url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            if response.status_code == 200:
+                listed = {model["id"] for model in response.json()["data"]}
+                if wanted <= listed:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"the gateway lists {sorted(listed)}, not all of {sorted(wanted)}")
+
+    def client(self, key: str, timeout: float = 60):
+        """The official openai client on this gateway, without retries."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+
+    def http(self, key: str, timeout: float = 60) -> httpx.Client:
+        """Raw HTTP to the gateway with ``key``, for bodies the openai client will not send."""
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -110,7 +130,8 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class StackSpec:
-    """What a test module needs running (its module-level STACK, read by the fixture)."""
+    """What a test module needs running (its module-level STACK, read by the `gateway_stack`
+    fixture, started by tests/stacks.py running_stack)."""
 
     workers: tuple[WorkerSpec, ...] = (WorkerSpec(("demo-chat",)),)
     gateways: int = 1
@@ -118,47 +139,3 @@ class StackSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # Throwaway PostgreSQL and Redis shared by the gateways (else each has its own SQLite file).
     backends: bool = False
-
-
-@dataclass
-class Stack:
-    """A running stack: the controller, the workers (in StackSpec order) and the gateways."""
-
-    tmp: Path
-    controller_url: str
-    worker_urls: list[str]
-    gateways: list[Gateway]
-    backends: Services | None = None
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.gateways[0]
-
-
-@contextmanager
-def running_stack(tmp: Path, spec: StackSpec) -> Iterator[Stack]:
-    """Start everything `spec` asks for, each process logging into `tmp`; stop it all, in the
-    reverse order, when the block ends. Raises ServiceUnavailable if the backends cannot run."""
-    with ExitStack() as cleanup:
-        backends = cleanup.enter_context(services()) if spec.backends else None
-        controller_port = free_port()
-        controller_url = f"http://127.0.0.1:{controller_port}"
-        controller = start_controller(controller_port, log_path=tmp / "controller.log")
-        cleanup.callback(stop_process, controller)
-        worker_urls = []
-        for i, worker in enumerate(spec.workers):
-            port = free_port()
-            process = start_demo_worker(port, controller_url, worker.models, extra_args=worker.extra_args,
-                                        log_path=tmp / f"worker{i}.log")
-            cleanup.callback(stop_process, process)
-            worker_urls.append(f"http://127.0.0.1:{port}")
-        wait_for_models(controller_url, [model for worker in spec.workers for model in worker.models], timeout=20)
-        env = {**(backends.env if backends else {}), **spec.env}
-        gateways = []
-        for i in range(spec.gateways):
-            directory = tmp / f"gateway{i}"
-            directory.mkdir()
-            gateway = start_gateway(directory, controller_url, server=spec.server, extra_env=env)
-            cleanup.callback(gateway.stop)
-            gateways.append(gateway)
-        yield Stack(tmp, controller_url, worker_urls, gateways, backends)

@@ -1,4 +1,5 @@
-"""Subprocess helpers for end-to-end tests: free ports, the FastChat controller, the demo worker."""
+"""Subprocess helpers for end-to-end tests: free ports, the FastChat controller, the demo worker,
+FastChat's real model_worker."""
 
 from __future__ import annotations
 
@@ -109,6 +110,52 @@ def start_demo_worker(
     if controller_url is None:
         args.append("--no-register")
     return _start_listening(args, port, None, log_path)
+
+
+def start_real_worker(
+    port: int, controller_url: str, model_dir: Path, model_names: Iterable[str], log_dir: Path,
+    address: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start FastChat's own fastchat.serve.model_worker on the CPU, serving ``model_dir`` (a tiny
+    model of tests/tiny_model.py) on 127.0.0.1:``port``; it registers ``address`` (a proxy's, or
+    by default its own) with the controller. Not waited for: it loads torch for a while.
+
+    It logs into ``log_dir``: ``<model names>.log``, and FastChat's model_worker_*.log (LOGDIR).
+    """
+    names = ",".join(model_names)
+    args = [
+        sys.executable, "-m", "fastchat.serve.model_worker",
+        "--model-path", str(model_dir),
+        "--model-names", names,
+        "--device", "cpu",
+        "--host", HOST,
+        "--port", str(port),
+        "--worker-address", address or f"http://{HOST}:{port}",
+        "--controller-address", controller_url,
+        "--seed", "42",
+    ]  # fmt: skip
+    env = {
+        "LOGDIR": str(log_dir),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",  # three workers share two cores
+        "PYTHONUNBUFFERED": "1",
+    }
+    return start_process(args, env=env, log_path=Path(log_dir) / f"{names}.log")
+
+
+def stop_real_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGINT, then SIGKILL: a plain SIGTERM may not stop a busy model_worker."""
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGINT, 3), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def wait_for_models(controller_url: str, names: Iterable[str], timeout: float = 10.0) -> list[str]:

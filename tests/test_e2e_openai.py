@@ -35,7 +35,7 @@ def stack(gateway_stack) -> dict:
 
 @pytest.fixture
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack["gateway"].base_url, api_key=stack["key"], max_retries=0, timeout=30)
+    return stack["gateway"].client(stack["key"], timeout=30)
 
 
 @pytest.fixture

@@ -68,14 +68,11 @@ def stack(gateway_stack):
     fakes = {name: FakeUpstream(tmp, name) for name in ("a", "b")}
     for fake in fakes.values():
         fake.start()
-    registry = {"upstreams": [
+    gateways[0].apply_upstreams(tmp / "upstreams.json", [
         {"name": name, "kind": "openai", "base_url": fake.base_url, "priority": 10, "weight": weight,
          "discover_models": False, "models": [{"public_name": PUBLIC, "upstream_name": PUBLIC}]}
         for (name, fake), weight in zip(fakes.items(), (3, 1), strict=True)
-    ]}
-    path = tmp / "upstreams.json"
-    path.write_text(json.dumps(registry))
-    gateways[0].manage("upstreams", "apply", str(path))
+    ])
     nginx_port = free_port()
     conf = render_nginx(tmp / "nginx", nginx_port, [g.port for g in gateways])
     nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp / "nginx")],

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.llama_server import missing
+from tests.llama_server import LlamaServer, missing
 from tests.services import requires_service
 
 MISSING = missing()
@@ -51,14 +51,13 @@ SCHEMA = {"type": "object", "properties": {
 class Stack:
     gateway_url: str
     key: str
-    vicuna: object  # tests.llama_server.LlamaServer
-    tools: object
+    vicuna: LlamaServer
+    tools: LlamaServer
     log_dir: Path
 
 
-def registry_file(tmp: Path, controller_url: str, vicuna_url: str, tools_url: str) -> Path:
-    path = tmp / "upstreams.json"
-    path.write_text(json.dumps({"upstreams": [
+def upstreams(controller_url: str, vicuna_url: str, tools_url: str) -> list[dict]:
+    return [
         {"name": "fastchat", "kind": "fastchat", "base_url": controller_url, "discover_models": False,
          "models": [BOTH, FASTCHAT_ONLY]},
         {"name": "llama", "kind": "openai", "base_url": vicuna_url, "discover_models": False,
@@ -68,63 +67,26 @@ def registry_file(tmp: Path, controller_url: str, vicuna_url: str, tools_url: st
         {"name": "llama-tools", "kind": "openai", "base_url": tools_url, "discover_models": False,
          "models": [{"public_name": TOOLS, "upstream_name": "tools-gguf",
                      "capabilities": ["tools", "json_schema", "json_mode"]}]},
-    ]}))
-    return path
+    ]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    from tests.gateway_process import start_gateway
-    from tests.gguf_model import build_gguf
-    from tests.llama_server import start_llama_server
-    from tests.procs import HOST, free_port, start_controller, stop_process
-    from tests.test_real_worker import start_real_worker, stop_real_worker, wait_for_workers
-    from tests.tiny_model import MODELS_DIR, build_tiny_model
+    from tests.stacks import StackBuilder
 
     tmp = tmp_path_factory.mktemp("llama_cpp")
-    gguf = build_gguf(MODELS_DIR, "vicuna_v1.1")
-    model_dir = build_tiny_model(MODELS_DIR, "vicuna_v1.1")
-    cleanup = []
-    try:
+    with StackBuilder(tmp) as build:
+        controller_url = build.controller()
         # FastChat's worker loads torch for a while: the llama.cpp servers start meanwhile.
-        controller_port, worker_port = free_port(), free_port()
-        controller_url = f"http://{HOST}:{controller_port}"
-        controller = start_controller(controller_port, log_path=tmp / "controller.log")
-        cleanup.append(lambda: stop_process(controller))
-        worker = start_real_worker(model_dir, f"{BOTH},{FASTCHAT_ONLY}", worker_port, f"http://{HOST}:{worker_port}",
-                                   controller_url, tmp)
-        cleanup.append(lambda: stop_real_worker(worker))
-        vicuna = start_llama_server(gguf, tmp, alias="vicuna-gguf", chat_format="vicuna")
-        cleanup.append(vicuna.stop)
-        tools = start_llama_server(gguf, tmp, alias="tools-gguf", chat_format="chatml-function-calling", n_ctx=1024)
-        cleanup.append(tools.stop)
-        wait_for_workers(controller_url, {BOTH: (worker, worker_port)}, tmp)
-        gateway = start_gateway(tmp, controller_url, server="uvicorn",
-                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": "30"})
-        cleanup.append(gateway.stop)
-        gateway.manage("upstreams", "apply", str(registry_file(tmp, controller_url, vicuna.base_url,
-                                                               tools.base_url)))
+        worker = build.real_worker("vicuna_v1.1", BOTH, FASTCHAT_ONLY)
+        vicuna = build.llama_server(alias="vicuna-gguf", chat_format="vicuna")
+        tools = build.llama_server(alias="tools-gguf", chat_format="chatml-function-calling", n_ctx=1024)
+        build.wait_for_workers(worker)
+        gateway = build.gateway("uvicorn", {"FASTCHAT_WORKER_API_TIMEOUT": "30"})
+        gateway.apply_upstreams(tmp / "upstreams.json", upstreams(controller_url, vicuna.base_url, tools.base_url))
         key = gateway.create_key("llama-e2e")
-        wait_for_models(gateway.base_url, key, {BOTH, FASTCHAT_ONLY, LLAMA_ONLY, TOOLS})
+        gateway.wait_for_models(key, {BOTH, FASTCHAT_ONLY, LLAMA_ONLY, TOOLS})
         yield Stack(gateway.url, key, vicuna, tools, tmp)
-    finally:
-        for stop in reversed(cleanup):
-            stop()
-
-
-def wait_for_models(base_url: str, key: str, names: set[str], timeout: float = 20.0) -> None:
-    """The gateway rereads its registry within a second; wait until it lists every model."""
-    import time
-
-    deadline, listed = time.monotonic() + timeout, set()
-    while time.monotonic() < deadline:
-        response = httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
-        if response.status_code == 200:
-            listed = {model["id"] for model in response.json()["data"]}
-            if names <= listed:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"the gateway lists {sorted(listed)}, not all of {sorted(names)}")
 
 
 @pytest.fixture(scope="module")

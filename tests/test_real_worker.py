@@ -20,18 +20,14 @@ Needs torch, transformers and friends: pip install -r requirements-realworker.tx
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import json
 import signal
 import struct
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -46,178 +42,16 @@ MISSING = [name for name in ("torch", "transformers", "accelerate") if find_spec
 pytestmark = [pytest.mark.real_worker, pytest.mark.e2e,
               requires_service("torch", not MISSING, f"missing: {', '.join(MISSING)}")]
 
-from aiohttp import ClientSession, ClientTimeout, web  # noqa: E402
-
 from tests.fastchat_reference import fastchat_conversation  # noqa: E402
-from tests.gateway_process import Gateway, start_gateway  # noqa: E402
-from tests.procs import HOST, free_port, start_controller, start_process, stop_process, wait_for_port  # noqa: E402
-from tests.tiny_model import MODELS_DIR, build_tiny_model  # noqa: E402
+from tests.gateway_process import Gateway  # noqa: E402
+from tests.procs import HOST  # noqa: E402
+from tests.stacks import RecordingProxy, StackBuilder  # noqa: E402
 
 VICUNA, LLAMA2, DOOMED = "tiny-vicuna", "tiny-llama2", "tiny-doomed"
 TEMPLATES = {VICUNA: "vicuna_v1.1", LLAMA2: "llama-2"}
 CONTEXT_LENGTH = 2048  # max_position_embeddings of the tiny models
-WORKER_START_TIMEOUT = 60.0
 GENERATE_PATHS = {"/worker_generate", "/worker_generate_stream", "/worker_get_embeddings"}
 MESSAGES = [{"role": "user", "content": "Hello there"}]
-
-
-# A recording proxy between the gateway and a real worker
-
-
-@dataclass
-class Record:
-    path: str
-    body: Any
-
-
-@dataclass
-class RecordingProxy:
-    """Forwards every request to a worker and keeps each request's path and JSON body.
-
-    Runs an aiohttp server on its own event loop in a daemon thread; responses (the worker's
-    NUL-delimited streams included) are passed through chunk by chunk as they arrive.
-    """
-
-    upstream_port: int
-    port: int = field(default_factory=free_port)
-    records: list[Record] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"proxy:{self.port}", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> RecordingProxy:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise TimeoutError("the recording proxy did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(10)
-
-    def mark(self) -> int:
-        """A position in the record list, for since()."""
-        with self._lock:
-            return len(self.records)
-
-    def since(self, mark: int, *paths: str) -> list[Record]:
-        with self._lock:
-            records = self.records[mark:]
-        return [record for record in records if not paths or record.path in paths]
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-        self._loop.close()
-
-    async def _main(self) -> None:
-        self._stopping = asyncio.Event()
-        self._session = ClientSession(timeout=ClientTimeout(total=None), auto_decompress=False)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, self.port).start()
-        self._ready.set()
-        try:
-            await self._stopping.wait()
-        finally:
-            await runner.cleanup()
-            await self._session.close()
-
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw
-        with self._lock:
-            self.records.append(Record(request.path, body))
-        headers = {"content-type": request.headers.get("content-type", "application/json")}
-        url = f"http://{HOST}:{self.upstream_port}{request.path_qs}"
-        async with self._session.request(request.method, url, data=raw, headers=headers) as upstream:
-            response = web.StreamResponse(status=upstream.status)
-            if "content-type" in upstream.headers:
-                response.headers["content-type"] = upstream.headers["content-type"]
-            await response.prepare(request)
-            async for data in upstream.content.iter_any():
-                await response.write(data)
-            await response.write_eof()
-            return response
-
-
-# FastChat's real model worker
-
-
-def worker_env(log_dir: Path) -> dict[str, str]:
-    return {
-        "LOGDIR": str(log_dir),  # FastChat writes model_worker_*.log there
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",  # three workers share two cores
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def start_real_worker(model_dir: Path, name: str, port: int, address: str, controller_url: str,
-                      log_dir: Path) -> subprocess.Popen[bytes]:
-    """Start fastchat.serve.model_worker; it registers `address` (maybe a proxy) with the controller."""
-    args = [
-        sys.executable, "-m", "fastchat.serve.model_worker",
-        "--model-path", str(model_dir),
-        "--model-names", name,
-        "--device", "cpu",
-        "--host", HOST,
-        "--port", str(port),
-        "--worker-address", address,
-        "--controller-address", controller_url,
-        "--seed", "42",
-    ]  # fmt: skip
-    return start_process(args, env=worker_env(log_dir), log_path=log_dir / f"{name}.log")
-
-
-def wait_for_workers(controller_url: str, workers: dict[str, tuple[subprocess.Popen, int]], log_dir: Path) -> None:
-    """Until the controller lists every model and every worker's own port accepts connections
-    (a worker registers about 0.1 s before it listens). Fails at once if a worker exits."""
-    deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while True:
-        for name, (proc, _port) in workers.items():
-            if proc.poll() is not None:
-                log = (log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"worker {name} exited with {proc.returncode}:\n{log}")
-        try:
-            listed = set(httpx.post(f"{controller_url}/list_models", timeout=2).json()["models"])
-        except httpx.HTTPError:
-            listed = set()
-        if set(workers) <= listed:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the controller lists {sorted(listed)}, not all of {sorted(workers)}")
-        time.sleep(0.1)
-    for _proc, port in workers.values():
-        wait_for_port(port, timeout=max(1.0, deadline - time.monotonic()))
-
-
-def stop_real_worker(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGINT, then SIGKILL: a plain SIGTERM may not stop a busy model_worker."""
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGINT, 3), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # The stack
@@ -241,46 +75,28 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("real_worker")
-    model_dirs = {VICUNA: build_tiny_model(MODELS_DIR, "vicuna_v1.1"),
-                  LLAMA2: build_tiny_model(MODELS_DIR, "llama-2"),
-                  DOOMED: build_tiny_model(MODELS_DIR, "vicuna_v1.1")}
-    controller_port = free_port()
-    controller_url = f"http://{HOST}:{controller_port}"
-    ports = {name: free_port() for name in model_dirs}
-    proxies: dict[str, RecordingProxy] = {}
-    workers: dict[str, subprocess.Popen] = {}
-    controller = start_controller(controller_port, log_path=tmp / "controller.log")
-    gateway: Gateway | None = None
-    try:
-        for name in (VICUNA, LLAMA2):
-            proxies[name] = RecordingProxy(ports[name]).start()
-        for name, model_dir in model_dirs.items():
-            address = proxies[name].address if name in proxies else f"http://{HOST}:{ports[name]}"
-            workers[name] = start_real_worker(model_dir, name, ports[name], address, controller_url, tmp)
-        wait_for_workers(controller_url, {name: (workers[name], ports[name]) for name in workers}, tmp)
-        gateway = start_gateway(tmp, controller_url, server="daphne",
-                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": "30"})
-        yield Stack(gateway, gateway.create_key("real-worker"), controller_url, proxies, ports, workers, tmp)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        for proc in workers.values():
-            stop_real_worker(proc)
-        for proxy in proxies.values():
-            proxy.stop()
-        stop_process(controller)
+    with StackBuilder(tmp) as build:
+        controller_url = build.controller()
+        # the doomed worker (a vicuna too) is reached directly: it is wedged, then killed
+        workers = {name: build.real_worker(template, name, proxied=name != DOOMED)
+                   for name, template in {**TEMPLATES, DOOMED: "vicuna_v1.1"}.items()}
+        build.wait_for_workers(*workers.values())
+        gateway = build.gateway("daphne", {"FASTCHAT_WORKER_API_TIMEOUT": "30"})
+        yield Stack(gateway, gateway.create_key("real-worker"), controller_url,
+                    {name: worker.proxy for name, worker in workers.items() if worker.proxy is not None},
+                    {name: worker.port for name, worker in workers.items()},
+                    {name: worker.proc for name, worker in workers.items()}, tmp)
 
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.gateway.base_url, api_key=stack.key, max_retries=0, timeout=60)
+    return stack.gateway.client(stack.key)
 
 
 @pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
     """Raw HTTP to the gateway, for bodies the openai client will not send."""
-    with httpx.Client(base_url=stack.gateway.url, headers={"Authorization": f"Bearer {stack.key}"},
-                      timeout=60) as client:
+    with stack.gateway.http(stack.key) as client:
         yield client
 
 

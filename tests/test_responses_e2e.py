@@ -4,7 +4,7 @@ One stack for the module: FastChat's real controller and model_worker serving th
 (tests/tiny_model.py), the demo worker (upstreams/fastchat/demo_worker.py: a canned reply that
 ends, where the random tiny model never stops before max_output_tokens), and llama.cpp's server (llama-cpp-python, `--chat_format
 chatml-function-calling`) serving it as GGUF for tools; each behind a recording proxy
-(tests/test_real_worker.py RecordingProxy), so the tests see what the gateway sent upstream: the
+(tests/stacks.py RecordingProxy), so the tests see what the gateway sent upstream: the
 prompt FastChat's worker got, the chat body llama.cpp got. The gateway (a uvicorn process) has both
 registered with `manage.py upstreams apply`. The OpenAI Agents SDK runs from its own venv
 (`make install-agents`) as a subprocess (tests/agents_script.py).
@@ -29,9 +29,11 @@ import httpx
 import openai
 import pytest
 
+from tests.gateway_process import Gateway
 from tests.llama_server import missing
 from tests.procs import REPO_ROOT
 from tests.services import requires_service
+from tests.stacks import RecordingProxy, StackBuilder
 
 MISSING = missing()
 pytestmark = [pytest.mark.e2e, pytest.mark.real_worker,
@@ -67,94 +69,65 @@ GENERATE_PATHS = ("/worker_generate", "/worker_generate_stream")
 
 @dataclass
 class Stack:
-    gateway: Any  # tests.gateway_process.Gateway
+    gateway: Gateway
     key: str
     other_key: str
     agents_key: str
-    fastchat: Any  # tests.test_real_worker.RecordingProxy in front of the worker
-    llama: Any  # the same in front of llama.cpp's server
+    fastchat: RecordingProxy  # in front of the worker
+    llama: RecordingProxy  # in front of llama.cpp's server
     worker_url: str
     demo_url: str  # the demo worker's own address (its /_fake/config)
     log_dir: Path
 
 
-def registry_file(tmp: Path, controller_url: str, llama_url: str) -> Path:
-    path = tmp / "upstreams.json"
-    path.write_text(json.dumps({"upstreams": [
+def upstreams(controller_url: str, llama_url: str) -> list[dict]:
+    return [
         {"name": "fastchat", "kind": "fastchat", "base_url": controller_url, "discover_models": False,
          "models": [VICUNA, DEMO]},
         {"name": "llama-tools", "kind": "openai", "base_url": llama_url, "discover_models": False,
          "models": [{"public_name": TOOLS, "upstream_name": "tools-gguf",
                      "capabilities": ["tools", "json_schema", "json_mode"]}]},
-    ]}))
-    return path
+    ]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    from tests.gateway_process import start_gateway
-    from tests.gguf_model import build_gguf
-    from tests.llama_server import start_llama_server
-    from tests.procs import HOST, free_port, start_controller, start_demo_worker, stop_process
-    from tests.test_llama_cpp import wait_for_models
-    from tests.test_real_worker import RecordingProxy, start_real_worker, stop_real_worker, wait_for_workers
-    from tests.tiny_model import MODELS_DIR, build_tiny_model
-
     tmp = tmp_path_factory.mktemp("responses_e2e")
-    gguf = build_gguf(MODELS_DIR, "vicuna_v1.1")
-    model_dir = build_tiny_model(MODELS_DIR, "vicuna_v1.1")
-    cleanup = []
-    try:
-        controller_port, worker_port = free_port(), free_port()
-        controller_url = f"http://{HOST}:{controller_port}"
-        controller = start_controller(controller_port, log_path=tmp / "controller.log")
-        cleanup.append(lambda: stop_process(controller))
-        fastchat = RecordingProxy(worker_port).start()
-        cleanup.append(fastchat.stop)
+    with StackBuilder(tmp) as build:
+        controller_url = build.controller()
         # FastChat's worker loads torch for a while: llama.cpp's server starts meanwhile.
-        worker = start_real_worker(model_dir, VICUNA, worker_port, fastchat.address, controller_url, tmp)
-        cleanup.append(lambda: stop_real_worker(worker))
-        demo_port = free_port()
-        demo = start_demo_worker(demo_port, controller_url, [DEMO], extra_args=["--reply-words", "6"],
-                                 log_path=tmp / "demo-worker.log")
-        cleanup.append(lambda: stop_process(demo))
-        tools = start_llama_server(gguf, tmp, alias="tools-gguf", chat_format="chatml-function-calling", n_ctx=1024)
-        cleanup.append(tools.stop)
-        llama = RecordingProxy(tools.port).start()
-        cleanup.append(llama.stop)
-        wait_for_workers(controller_url, {VICUNA: (worker, worker_port), DEMO: (demo, demo_port)}, tmp)
+        worker = build.real_worker("vicuna_v1.1", VICUNA, proxied=True)
+        demo = build.demo_worker([DEMO], extra_args=["--reply-words", "6"])
+        tools = build.llama_server(alias="tools-gguf", chat_format="chatml-function-calling", n_ctx=1024)
+        llama = build.proxy(tools.port)
+        build.wait_for_workers(worker, demo)
         # llama-cpp-python's server cuts a stream in flight when any request comes in (its
         # interrupt_requests, on by default): `[DONE]` with no finish_reason. The gateway's health
         # probe (GET /v1/models every GATEWAY_UPSTREAM_PROBE_SECONDS) would cut a stream now and
         # then, so it probes once, at its start, here.
-        gateway = start_gateway(tmp, controller_url, server="uvicorn",
-                                extra_env={"FASTCHAT_WORKER_API_TIMEOUT": "30", "GATEWAY_UPSTREAM_PROBE_SECONDS": "3600"})
-        cleanup.append(gateway.stop)
-        gateway.manage("upstreams", "apply", str(registry_file(tmp, controller_url, llama.address + "/v1")))
+        gateway = build.gateway("uvicorn", {"FASTCHAT_WORKER_API_TIMEOUT": "30",
+                                            "GATEWAY_UPSTREAM_PROBE_SECONDS": "3600"})
+        gateway.apply_upstreams(tmp / "upstreams.json", upstreams(controller_url, llama.address + "/v1"))
         key = gateway.create_key("responses-e2e")
-        wait_for_models(gateway.base_url, key, {VICUNA, DEMO, TOOLS})
+        gateway.wait_for_models(key, {VICUNA, DEMO, TOOLS})
         yield Stack(gateway, key, gateway.create_key("responses-other"), gateway.create_key("responses-agents"),
-                    fastchat, llama, f"http://{HOST}:{worker_port}", f"http://{HOST}:{demo_port}", tmp)
-    finally:
-        for stop in reversed(cleanup):
-            stop()
+                    worker.proxy, llama, worker.url, demo.url, tmp)
 
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.gateway.base_url, api_key=stack.key, max_retries=0, timeout=60)
+    return stack.gateway.client(stack.key)
 
 
 @pytest.fixture(scope="module")
 def other_client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.gateway.base_url, api_key=stack.other_key, max_retries=0, timeout=60)
+    return stack.gateway.client(stack.other_key)
 
 
 @pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
     """Raw HTTP to the gateway, for bodies the openai client will not send."""
-    with httpx.Client(base_url=stack.gateway.url, headers={"Authorization": f"Bearer {stack.key}"},
-                      timeout=60) as client:
+    with stack.gateway.http(stack.key) as client:
         yield client
 
 
