@@ -10,7 +10,9 @@ from decimal import Decimal
 import pytest
 
 from keys.exceptions import LimitExceeded
-from keys.limits import SLOT_TTL, Limits, MemoryLimitStore, RedisLimitStore, Spent, Worst, over_budget
+from keys.limit_store_memory import MemoryLimitStore
+from keys.limit_store_redis import RedisLimitStore
+from keys.limits import SLOT_TTL, Limits, Spent, Worst, over_budget
 from tests.test_redis_limits import Clock, run
 
 TEAM = Limits(7, token_budget=100, scope="team", name="acme")

@@ -11,7 +11,8 @@ from django.db import OperationalError
 from django.test import SimpleTestCase, override_settings
 
 from keys.exceptions import LimitExceeded
-from keys.limits import Limits, MemoryLimitStore, format_reset, get_limit_store, reset_limit_store
+from keys.limit_store_memory import MemoryLimitStore
+from keys.limits import Limits, format_reset, get_limit_store, reset_limit_store
 from keys.models import APIKey
 from openai_api.accounting import demand_of, limit_error
 from openai_api.auth import key_cache

@@ -20,9 +20,10 @@ import httpx
 import pytest
 from django.test import override_settings
 
-from keys import limits as limits_module
+from keys import limit_store_redis
 from keys.exceptions import LimitExceeded, LimitsUnavailable
-from keys.limits import Limits, RedisLimitStore, _pending_releases, get_limit_store, reset_limit_store
+from keys.limit_store_redis import RedisLimitStore, _pending_releases
+from keys.limits import SLOT_TTL, Limits, get_limit_store, reset_limit_store
 from keys.models import APIKey
 from openai_api.auth import key_cache
 from tests.asgi import stream_then_disconnect
@@ -386,7 +387,7 @@ class RedisOutageTests(GatewayTestCase):
         await self.limit(requests_per_minute=100, parallel_requests=2)
         self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
         stop(self.redis)
-        with self.assertLogs("keys.limits", "WARNING"):
+        with self.assertLogs("keys.limit_store_redis", "WARNING"):
             response, elapsed = await self.timed_post()
         body = self.assertError(response, 503, code="limits_unavailable")
         self.assertEqual(response["Retry-After"], "1")
@@ -406,7 +407,7 @@ class RedisOutageTests(GatewayTestCase):
         self.assertEqual((await self.post(CHAT, BODY)).status_code, 200)
         self.redis.proc.send_signal(signal.SIGSTOP)
         try:
-            with self.assertLogs("keys.limits", "WARNING"):
+            with self.assertLogs("keys.limit_store_redis", "WARNING"):
                 response, elapsed = await self.timed_post()
         finally:
             self.redis.proc.send_signal(signal.SIGCONT)
@@ -417,7 +418,7 @@ class RedisOutageTests(GatewayTestCase):
     async def test_failing_open_admits_keys_with_limits(self):
         await self.limit(parallel_requests=1)
         stop(self.redis)
-        with self.assertLogs("keys.limits", "WARNING"):
+        with self.assertLogs("keys.limit_store_redis", "WARNING"):
             response, elapsed = await self.timed_post()
         self.assertEqual(response.status_code, 200, response.content)
         self.assertNotIn("x-ratelimit-limit-requests", response)
@@ -431,7 +432,7 @@ class RedisOutageTests(GatewayTestCase):
         while await store.parallel_in_use(self.key.pk) == 0:  # the request holds its slot
             await asyncio.sleep(0.01)
         stop(self.redis)
-        with self.assertLogs("keys.limits", "WARNING"):
+        with self.assertLogs("keys.limit_store_redis", "WARNING"):
             self.assertEqual((await request).status_code, 200)
             await asyncio.gather(*(t for t in _pending_releases if t.get_loop() is asyncio.get_running_loop()))
         self.assertEqual(store.queued_releases, 1)
@@ -494,19 +495,19 @@ def test_an_acquire_whose_caller_is_cancelled_completes_and_gives_its_slot_back(
 def test_a_dead_processes_slots_expire_and_a_live_ones_are_refreshed(store, monkeypatch):
     """Each process renews the slots it holds every SLOT_REFRESH s; a slot nobody renewed for
     SLOT_TTL s (its process was killed) is free again, instead of 6 hours later."""
-    monkeypatch.setattr(limits_module, "SLOT_REFRESH", 0.05)
+    monkeypatch.setattr(limit_store_redis, "SLOT_REFRESH", 0.05)
     other = RedisLimitStore(store.url, clock=store.clock_, prefix=store.prefix)
     limits = Limits(1, parallel_requests=1)
 
     async def scenario():
         await store.acquire(limits)
-        store.clock_.now += limits_module.SLOT_TTL - 5
+        store.clock_.now += SLOT_TTL - 5
         await asyncio.sleep(0.2)  # refreshed at the new time
         store.clock_.now += 10  # older than SLOT_TTL since taken, not since refreshed
         with pytest.raises(LimitExceeded):
             await other.acquire(limits)
         store._refresher.cancel()  # the process is killed: nobody refreshes its slot
-        store.clock_.now += limits_module.SLOT_TTL + 1
+        store.clock_.now += SLOT_TTL + 1
         lease = await other.acquire(limits)
         await other.release(lease, 0)
         other._refresher.cancel()

@@ -7,7 +7,8 @@ import httpx
 from django.test import SimpleTestCase
 
 from gateway_project import state
-from keys.limits import MemoryLimitStore, get_limit_store
+from keys.limit_store_memory import MemoryLimitStore
+from keys.limits import get_limit_store
 from keys.usage import usage_writer
 from openai_api.auth import key_cache
 from upstreams import transport as client

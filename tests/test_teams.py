@@ -13,7 +13,8 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from keys.limits import MemoryLimitStore, get_limit_store, reset_limit_store
+from keys.limit_store_memory import MemoryLimitStore
+from keys.limits import get_limit_store, reset_limit_store
 from keys.models import APIKey, Membership, Price, Team
 from openai_api.auth import key_cache
 from tests.base import GatewayTestCase
