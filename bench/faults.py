@@ -552,7 +552,7 @@ async def measure(stack: Stack, fault: str, outcomes: list[Outcome], key_ids: li
     """The row of a fault, after waiting for queues, slots and usage rows to settle."""
     expected = len(outcomes) if expected_rows is None else expected_rows
     queue = await settle(queue_probe or stack.worker_queue, lambda q: q == 0, 10)
-    # Releases that failed are retried with a backoff of up to 5 s (keys/limits.py).
+    # Releases that failed are retried with a backoff of up to 5 s (keys/limit_store_redis.py).
     slots = await settle(lambda: stack.slots_taken(key_ids, live_slots_only), lambda s: s == 0, slots_seconds)
     rows = await settle(lambda: stack.usage_rows(key_ids), lambda r: r >= expected, settle_seconds)
     return Row(
