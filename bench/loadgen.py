@@ -28,11 +28,13 @@ ERROR_SAMPLES = 5
 
 @dataclass(frozen=True)
 class Scenario:
-    """One kind of request: where it goes, what it sends, whether it streams."""
+    """One kind of request: where it goes, what it sends, whether it streams; ``api`` names the
+    answer's shape ("chat", "embeddings" or "responses"), which decides how it is checked."""
 
     path: str
     body: dict[str, Any]
     stream: bool = False
+    api: str = "chat"
 
 
 SCENARIOS = {
@@ -50,7 +52,25 @@ SCENARIOS = {
         },
         stream=True,
     ),
-    "embeddings": Scenario("/v1/embeddings", {"model": "demo-embed", "input": EMBED_INPUTS}),
+    "embeddings": Scenario("/v1/embeddings", {"model": "demo-embed", "input": EMBED_INPUTS}, api="embeddings"),
+    # The Responses API (docs/responses.md): the chat requests above, bridged onto chat completions.
+    "responses": Scenario(
+        "/v1/responses",
+        {"model": "demo-chat", "input": PROMPT, "max_output_tokens": 16, "store": False},
+        api="responses",
+    ),
+    "responses_stream": Scenario(
+        "/v1/responses",
+        {"model": "demo-chat", "input": PROMPT, "max_output_tokens": 64, "store": False, "stream": True},
+        stream=True,
+        api="responses",
+    ),
+    # As `responses`, saved in the store (a database write per request, on the store's thread).
+    "responses_stored": Scenario(
+        "/v1/responses",
+        {"model": "demo-chat", "input": PROMPT, "max_output_tokens": 16, "store": True},
+        api="responses",
+    ),
 }
 
 
@@ -83,16 +103,59 @@ class Tally:
             self.samples.append(error)
 
 
-async def plain_request(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[None, int]:
-    """POST and check a complete JSON answer; return (no TTFT, 1 chunk)."""
+async def plain_request(
+    session: aiohttp.ClientSession, url: str, body: bytes, check: Callable[[bytes], None] | None = None
+) -> tuple[None, int]:
+    """POST and check a complete JSON answer (``check``: chat's or embeddings' by default);
+    return (no TTFT, 1 chunk)."""
     async with session.post(url, data=body) as response:
         payload = await response.read()
         if response.status != 200:
             raise RequestFailed(f"HTTP {response.status}: {payload[:300]!r}")
+    (check or check_answer)(payload)
+    return None, 1
+
+
+def check_answer(payload: bytes) -> None:
+    """A chat completion or embeddings answer: `choices` or `data`, no `error`."""
     answer = json.loads(payload)
     if "error" in answer or not (answer.get("choices") or answer.get("data")):
         raise RequestFailed(f"HTTP 200 without an answer: {payload[:300]!r}")
-    return None, 1
+
+
+def check_response_answer(payload: bytes) -> None:
+    """A non-streamed Response object (docs/responses.md)."""
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        raise RequestFailed(f"HTTP 200 without JSON: {payload[:300]!r}") from None
+    check_response(answer, payload)
+
+
+def check_response(answer: Any, raw: bytes) -> None:
+    """A finished Response: `"object": "response"`, no `error`, status `completed`, or
+    `incomplete` because max_output_tokens was reached (the gateway's answer when the upstream's
+    finish reason is `length`: the non-streamed scenarios ask for 16 of the fakes' 64 words, and
+    FastChat's worker reports `length` at exactly 64 too), and some output text."""
+    if not isinstance(answer, dict) or answer.get("object") != "response":
+        raise RequestFailed(f"not a Response object: {raw[:300]!r}")
+    status, details = answer.get("status"), answer.get("incomplete_details")
+    limited = status == "incomplete" and isinstance(details, dict) and details.get("reason") == "max_output_tokens"
+    if answer.get("error") is not None or not (status == "completed" or limited):
+        raise RequestFailed(f"Response with status {status!r}: {raw[:300]!r}")
+    if not output_text(answer):
+        raise RequestFailed(f"Response without output text: {raw[:300]!r}")
+
+
+def output_text(answer: dict[str, Any]) -> str:
+    """The text of a Response's message items (what the SDK's `output_text` joins)."""
+    return "".join(
+        part.get("text") or ""
+        for item in answer.get("output") or ()
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or ()
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    )
 
 
 async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, int]:
@@ -116,6 +179,84 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes) 
             if first_content is None and has_content(data):
                 first_content = time.perf_counter()
     raise RequestFailed(f"stream closed before [DONE] after {events} events")
+
+
+# A streamed text answer's events, each with the events that may follow it (docs/responses.md,
+# "Streaming"). Anything else (`error`, `response.failed`, a function call, a refusal) fails.
+RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete"})
+RESPONSE_EVENTS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"response.created"}),
+    "response.created": frozenset({"response.in_progress"}),
+    "response.in_progress": frozenset({"response.output_item.added"}),
+    "response.output_item.added": frozenset({"response.content_part.added"}),
+    "response.content_part.added": frozenset({"response.output_text.delta", "response.output_text.done"}),
+    "response.output_text.delta": frozenset({"response.output_text.delta", "response.output_text.done"}),
+    "response.output_text.done": frozenset({"response.content_part.done"}),
+    "response.content_part.done": frozenset({"response.output_item.done"}),
+    "response.output_item.done": frozenset({"response.output_item.added"}) | RESPONSE_ENDS,
+}
+
+
+class ResponseStream:
+    """Checks a Responses event stream line by line: `event:`/`data:` frames whose data's `type`
+    is the event's, strictly increasing `sequence_number`s, the events in order, ending with
+    `response.completed` or `response.incomplete` (its response checked as a non-streamed one)
+    and nothing after it. ``first_delta`` is set at the first `response.output_text.delta`."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None  # the last event's type
+        self.pending: str | None = None  # an `event:` line's type, until its data
+        self.sequence = -1
+        self.events = 0
+        self.first_delta: float | None = None
+
+    def feed(self, line: bytes) -> None:
+        if line.startswith(b"event: "):
+            if self.pending is not None:
+                raise RequestFailed(f"event {self.pending!r} without data")
+            self.pending = line[7:].strip().decode()
+        elif line.startswith(b"data: "):
+            self.data(line[6:].strip())
+        elif line.strip():
+            raise RequestFailed(f"unexpected line in stream: {line[:300]!r}")
+
+    def data(self, raw: bytes) -> None:
+        kind, self.pending = self.pending, None
+        if kind in ("error", "response.failed"):
+            raise RequestFailed(f"{kind} event in stream: {raw[:300]!r}")
+        if kind is None or kind not in RESPONSE_EVENTS.get(self.kind, ()):
+            raise RequestFailed(f"event {kind!r} after {self.kind!r}: {raw[:300]!r}")
+        payload = json.loads(raw)
+        sequence = payload.get("sequence_number")
+        if payload.get("type") != kind or not isinstance(sequence, int) or sequence <= self.sequence:
+            raise RequestFailed(f"event {kind!r} with a wrong type or sequence_number: {raw[:300]!r}")
+        if kind == "response.output_text.delta" and self.first_delta is None:
+            self.first_delta = time.perf_counter()
+        if kind in RESPONSE_ENDS:
+            check_response(payload.get("response"), raw)
+        self.kind, self.sequence = kind, sequence
+        self.events += 1
+
+    def close(self) -> None:
+        """The stream ended: it must have ended with its last event."""
+        if self.kind not in RESPONSE_ENDS or self.pending is not None:
+            raise RequestFailed(f"stream closed after {self.events} events, the last {self.kind!r}")
+        if self.first_delta is None:
+            raise RequestFailed("stream without response.output_text.delta")
+
+
+async def response_stream_request(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, int]:
+    """POST, read and check a Responses event stream to its end; return (seconds to the first
+    text delta, events)."""
+    started = time.perf_counter()
+    stream = ResponseStream()
+    async with session.post(url, data=body) as response:
+        if response.status != 200:
+            raise RequestFailed(f"HTTP {response.status}: {(await response.read())[:300]!r}")
+        async for line in response.content:
+            stream.feed(line)
+    stream.close()
+    return stream.first_delta - started, stream.events  # type: ignore[operator] - close() checked it
 
 
 def has_content(data: bytes) -> bool:
@@ -189,6 +330,15 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
+def request_function(scenario: Scenario) -> Callable[[aiohttp.ClientSession, str, bytes], Awaitable[Any]]:
+    """The coroutine that sends one request of ``scenario`` and checks its answer."""
+    if scenario.api == "responses":
+        if scenario.stream:
+            return response_stream_request
+        return lambda session, url, body: plain_request(session, url, body, check_response_answer)
+    return stream_request if scenario.stream else plain_request
+
+
 async def run_worker(
     request: Callable[[], Awaitable[tuple[float | None, int]]], tally: Tally, stop: asyncio.Event
 ) -> None:
@@ -238,7 +388,7 @@ async def measure(options: argparse.Namespace) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=options.concurrency, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=options.request_timeout)
     async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
-        send = stream_request if scenario.stream else plain_request
+        send = request_function(scenario)
 
         def request() -> Awaitable[tuple[float | None, int]]:
             return send(session, url, body)

@@ -2,6 +2,7 @@
 
     . .venv/bin/activate && python bench/run.py [--quick] [--duration S] [--concurrency 1,32]
         [--scenarios chat,chat_stream,embeddings] [--targets fastchat,gateway] [--json out.json]
+    python bench/run.py --targets gateway --scenarios chat,responses,chat_stream,responses_stream
     python bench/run.py --scaling     # one process against two behind nginx (wrk, 3 rounds)
     python bench/run.py --preset openai   # an OpenAI-compatible upstream: the gateway against LiteLLM's proxy
     python bench/run.py --base-tree /tmp/bench-base --baseline gateway-base   # before/after in one run
@@ -92,13 +93,32 @@ def check_alive(targets: list[Target], backend: Backend, workdir: Path) -> None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see the logs in {workdir}")
 
 
+def skipped(targets: list[Target], scenarios: list[str]) -> list[str]:
+    """One line per target that does not serve some of the scenarios: which, and why."""
+    lines = []
+    for target in targets:
+        for path, why in target.unsupported.items():
+            names = [name for name in scenarios if SCENARIOS[name].path == path]
+            if names:
+                lines.append(f"{target.name} skipped for {', '.join(names)}: {why}")
+    return lines
+
+
 def run_all(targets: list[Target], backend: Backend, options: argparse.Namespace, rows: list[dict]) -> None:
-    """Every scenario x concurrency x round x target, targets innermost; append a row for each."""
+    """Every scenario x concurrency x round x target, targets innermost; append a row for each.
+    A target skips the scenarios whose path it does not serve (Target.unsupported)."""
     quiet_budget = options.quiet_wait
+    options.skipped = skipped(targets, options.scenarios)
+    for line in options.skipped:
+        print(f"  {line}", file=sys.stderr, flush=True)
+    options.planned = options.rounds * len(options.concurrency) * sum(
+        SCENARIOS[scenario].path not in target.unsupported for scenario in options.scenarios for target in targets)
     for scenario in options.scenarios:
         for concurrency in options.concurrency:
             for round_number in range(1, options.rounds + 1):
                 for target in targets:
+                    if SCENARIOS[scenario].path in target.unsupported:
+                        continue
                     quiet_budget -= wait_for_quiet(max(0.0, quiet_budget))
                     check_alive(targets, backend, options.workdir)
                     row = run_cell(target, backend, scenario, concurrency, options)
@@ -135,7 +155,7 @@ def median_rows(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any
 def progress_line(row: dict[str, Any]) -> str:
     errors = row["failures"] + row["warmup_failures"]
     return (
-        f"  {row['target']:>9} {row['scenario']:<11} c={row['concurrency']:<3} {row['rps']:>8} req/s"
+        f"  {row['target']:>9} {row['scenario']:<16} c={row['concurrency']:<3} {row['rps']:>8} req/s"
         f"  p50 {row['p50_ms']} ms  gateway CPU {row['cpu_ms_per_request']['gateway']} ms/req"
         f"  cores: {' '.join(f'{name} {value:.2f}' for name, value in row['cpu_cores'].items())}"
         + (f"  ERRORS: {errors}" if errors else "")
@@ -332,6 +352,8 @@ def csv(kind: type) -> Any:
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
+# What runs without --scenarios (the Responses API's scenarios run only when named).
+DEFAULT_SCENARIOS = ("chat", "chat_stream", "embeddings")
 DEFAULTS = {"targets": ["fastchat", "gateway"], "baseline": "fastchat", "loadgen": "python", "rounds": 1}
 # The gateway with an OpenAI-compatible upstream against LiteLLM's proxy, both in front of
 # bench/fast_openai.py: chat and 64-chunk streams.
@@ -368,7 +390,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1, quick 0.5)")
     parser.add_argument("--concurrency", type=csv(int), help="default 1,16,32,64 (quick 1,32)")
-    parser.add_argument("--scenarios", type=csv(str), help="default " + ",".join(SCENARIOS))
+    parser.add_argument(
+        "--scenarios", type=csv(str),
+        help="default " + ",".join(DEFAULT_SCENARIOS) + "; known: " + ",".join(SCENARIOS)
+        + " (the responses ones run on gateway targets only)",
+    )  # fmt: skip
     parser.add_argument("--targets", type=csv(str), help="default fastchat,gateway; known: " + ",".join(TARGETS))
     parser.add_argument("--baseline", help="the target the ratios divide by (default fastchat)")
     parser.add_argument(
@@ -405,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.warmup = options.warmup if options.warmup is not None else (0.5 if quick else 1.0)
     if options.quiet_wait is None:
         options.quiet_wait = 10.0 if quick else 30.0
-    options.scenarios = options.scenarios or list(SCENARIOS)
+    options.scenarios = options.scenarios or list(DEFAULT_SCENARIOS)
     options.concurrency = options.concurrency or ([1, 32] if quick else [1, 16, 32, 64])
     for name, known in (("scenario", SCENARIOS), ("target", TARGETS)):
         unknown = set(getattr(options, name + "s")) - set(known)
@@ -452,7 +478,7 @@ def collect_memory(targets: list[Target]) -> dict[str, list[dict[str, float]]]:
 
 def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, elapsed: float, workdir: Path) -> None:
     facts = machine()
-    planned = len(options.scenarios) * len(options.concurrency) * len(options.targets) * options.rounds
+    planned = getattr(options, "planned", 0)
     if len(rows) < planned:
         print(f"\nPARTIAL RUN: {len(rows)} of {planned} cells measured", file=sys.stderr)
     print(
@@ -474,6 +500,8 @@ def print_report(rows: list[dict], memory: dict, options: argparse.Namespace, el
         print("Goals with an OpenAI-compatible upstream:\n")
         print(openai_goals_table(summary) + "\n")
     print(memory_table(memory))
+    if getattr(options, "skipped", None):
+        print("\nNot measured:\n" + "\n".join(f"- {line}" for line in options.skipped))
     noise = report_noise(rows)
     if noise:
         print("\nOther processes competed for the CPU (numbers below are pessimistic):\n" + noise)

@@ -73,6 +73,8 @@ class Target:
     notes: str = ""
     services: ExitStack | None = None  # servers the target needs (PostgreSQL, Redis), stopped last
     service_pids: list[int] = field(default_factory=list)  # their main processes, for the CPU count
+    # Paths this target does not serve, each with why: its cells of those scenarios are skipped.
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def pids(self) -> list[int]:
@@ -153,7 +155,8 @@ def start_fastchat(backend: Backend, workdir: Path) -> Target:
         "--api-keys", key,
     ]  # fmt: skip
     proc = start_process(args, env={"LOGDIR": str(logdir)}, log_path=workdir / "fastchat.log")
-    target = Target("fastchat", f"http://{HOST}:{port}", key, [proc], "fschat 0.2.36, 1 process")
+    target = Target("fastchat", f"http://{HOST}:{port}", key, [proc], "fschat 0.2.36, 1 process",
+                    unsupported={"/v1/responses": "FastChat's openai_api_server has no Responses API"})
     wait_listening(target, port)
     return target
 
@@ -252,7 +255,8 @@ def start_litellm(backend: Backend, workdir: Path) -> Target:
     args = [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config), "--host", HOST, "--port", str(port),
             "--num_workers", "1"]
     proc = start_process(args, env=env, log_path=workdir / "litellm.log")
-    target = Target("litellm", f"http://{HOST}:{port}", key, [proc], "litellm proxy, 1 process")
+    target = Target("litellm", f"http://{HOST}:{port}", key, [proc], "litellm proxy, 1 process", unsupported={
+        "/v1/responses": "LiteLLM would forward it to bench/fast_openai.py, which does not serve /v1/responses"})
     wait_listening(target, port, timeout=120)
     return target
 

@@ -3,8 +3,9 @@
 wrk (C, one thread here) spends a few microseconds of CPU per request where the Python load
 generator spends about half a millisecond, which on a small machine is CPU taken from the
 servers under test. Use it where that matters: the scaling cells (N processes behind nginx).
-A Lua script checks every answer (HTTP 200 and a body with choices, data or [DONE]), so
-failures are counted as in loadgen.py; time to first token is not measured.
+A Lua script checks every answer (HTTP 200, a body with one of the scenario's markers and none
+of its failure markers: see `markers`), so failures are counted as in loadgen.py; time to first
+token is not measured.
 
     apt-get install wrk
 """
@@ -31,11 +32,17 @@ wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 {auth}
-local marker, threads = {marker}, {{}}
+local good, bad, threads = {good}, {bad}, {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) failed = 0; sample = "" end
+local function has_any(body, markers)
+  for _, marker in ipairs(markers) do
+    if string.find(body, marker, 1, true) then return true end
+  end
+  return false
+end
 function response(status, headers, body)
-  if status ~= 200 or not string.find(body, marker, 1, true) or string.find(body, '"error"', 1, true) then
+  if status ~= 200 or not has_any(body, good) or has_any(body, bad) then
     failed = failed + 1
     if sample == "" then sample = status .. " " .. string.sub(body, 1, 300) end
   end
@@ -59,12 +66,29 @@ def lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua string literal for this text
 
 
+def lua_list(items: tuple[str, ...]) -> str:
+    return "{" + ", ".join(map(lua_string, items)) + "}"
+
+
+def markers(scenario: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a good answer of ``scenario`` contains (one of), and what no good answer contains."""
+    spec = SCENARIOS[scenario]
+    if spec.api == "responses":  # a Response always has an `"error":null` field
+        if spec.stream:
+            return ("event: response.completed", "event: response.incomplete"), (
+                "event: response.failed", "event: error")
+        return ('"object":"response"',), ('"status":"failed"',)
+    good = "[DONE]" if spec.stream else ('"data"' if spec.api == "embeddings" else '"choices"')
+    return (good,), ('"error"',)
+
+
 def write_script(directory: Path, scenario: str, api_key: str | None) -> Path:
     spec = SCENARIOS[scenario]
-    marker = "[DONE]" if spec.stream else ('"data"' if spec.path.endswith("embeddings") else '"choices"')
+    good, bad = markers(scenario)
     auth = f'wrk.headers["Authorization"] = {lua_string("Bearer " + api_key)}' if api_key else ""
     path = directory / "scenario.lua"
-    path.write_text(SCRIPT.format(body=lua_string(json.dumps(spec.body)), auth=auth, marker=lua_string(marker)))
+    path.write_text(SCRIPT.format(body=lua_string(json.dumps(spec.body)), auth=auth, good=lua_list(good),
+                                  bad=lua_list(bad)))
     return path
 
 
