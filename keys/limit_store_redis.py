@@ -42,6 +42,20 @@ MAX_QUEUED_RELEASES = 100_000
 RELEASE_RETRY_DELAYS = (0.25, 5.0)
 
 
+# Both scripts: a level's budget reservation of `id` given back (tokens and money), if it holds
+# one; true if it did. KEYS[k + 6] is the level's reservations hash (see ACQUIRE_SCRIPT).
+GIVE_BACK = """
+local function give_back(k, id)
+  local held = redis.call('HGET', KEYS[k + 6], 'l:' .. id)
+  if not held then return false end
+  local t, n = string.match(held, '(%d+) (%d+)')
+  redis.call('HINCRBY', KEYS[k + 6], 'tokens', 0 - tonumber(t))
+  redis.call('HINCRBY', KEYS[k + 6], 'nanos', 0 - tonumber(n))
+  redis.call('HDEL', KEYS[k + 6], 'l:' .. id)
+  return true
+end
+"""
+
 # Redis: one script admits (checks every limit of every level, then counts the request at each),
 # one settles. Per level, 7 keys: 1 requests zset (member: lease id, score: ms), 2 token hash
 # (second -> tokens), 3 parallel zset (member: lease id, score: ms), 4 tokens spent in the budget
@@ -49,7 +63,7 @@ RELEASE_RETRY_DELAYS = (0.25, 5.0)
 # "l:<lease>": "<tokens> <nanos>"), 7 reservation times zset (lease -> ms, for leaked ones).
 # Per level, 7 arguments: rpm, tpm, parallel, token budget, money budget (billionths), worst
 # tokens, worst billionths (-1: none; a money budget refuses an unpriced request, "unpriced").
-ACQUIRE_SCRIPT = """
+ACQUIRE_SCRIPT = GIVE_BACK + """
 local now, lease, slot_ttl, levels = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = 60000
 local verdict, refusing, out = 'ok', 0, {}
@@ -83,13 +97,7 @@ for level = 1, levels do
   if tbudget >= 0 or mbudget >= 0 then
     -- reservations of requests whose process died are given back after the slot TTL
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[k + 7], '-inf', now - slot_ttl * 1000)) do
-      local held = redis.call('HGET', KEYS[k + 6], 'l:' .. id)
-      if held then
-        local t, n = string.match(held, '(%d+) (%d+)')
-        redis.call('HINCRBY', KEYS[k + 6], 'tokens', 0 - tonumber(t))
-        redis.call('HINCRBY', KEYS[k + 6], 'nanos', 0 - tonumber(n))
-        redis.call('HDEL', KEYS[k + 6], 'l:' .. id)
-      end
+      give_back(k, id)
       redis.call('ZREM', KEYS[k + 7], id)
     end
   end
@@ -141,7 +149,7 @@ return result
 
 # Settles a lease at every level: frees its slot, counts what it used, gives back its reservation.
 # ARGV: lease, second, tokens, billionths, levels.
-RELEASE_SCRIPT = """
+RELEASE_SCRIPT = GIVE_BACK + """
 local lease, second, tokens, nanos = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 for level = 1, tonumber(ARGV[5]) do
   local k = (level - 1) * 7
@@ -152,14 +160,7 @@ for level = 1, tonumber(ARGV[5]) do
     if redis.call('EXISTS', KEYS[k + 4]) == 1 then redis.call('INCRBY', KEYS[k + 4], tokens) end
   end
   if nanos > 0 and redis.call('EXISTS', KEYS[k + 5]) == 1 then redis.call('INCRBY', KEYS[k + 5], nanos) end
-  local held = redis.call('HGET', KEYS[k + 6], 'l:' .. lease)
-  if held then
-    local t, n = string.match(held, '(%d+) (%d+)')
-    redis.call('HINCRBY', KEYS[k + 6], 'tokens', 0 - tonumber(t))
-    redis.call('HINCRBY', KEYS[k + 6], 'nanos', 0 - tonumber(n))
-    redis.call('HDEL', KEYS[k + 6], 'l:' .. lease)
-    redis.call('ZREM', KEYS[k + 7], lease)
-  end
+  if give_back(k, lease) then redis.call('ZREM', KEYS[k + 7], lease) end
 end
 return 1
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from gateway_project import state
 from openai_api.protocol import parse_chat, parse_completion, parse_embeddings
 from tests.base import GatewayTestCase
 from tests.fake_openai_server import OPENAI_UPSTREAM, FakeOpenAI, combined_transport
-from upstreams.base import Route, each_chunk
+from upstreams.base import Route
 from upstreams.errors import (
     BadAnswer,
     ClientFailure,
@@ -53,6 +54,13 @@ def route(upstream_model: str = SERVED) -> Route:
 
 def chat_call(**fields: Any):
     return parse_chat({"model": PUBLIC, "messages": MESSAGES, **fields})
+
+
+async def each_chunk(stream) -> AsyncIterator[bytes]:
+    """A stream's chunks one at a time, however they were batched (upstreams/base.py)."""
+    async for batch in stream:
+        for chunk in batch:
+            yield chunk
 
 
 class Harness:

@@ -84,12 +84,6 @@ class Stream(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def each_chunk(stream: Stream) -> AsyncIterator[bytes]:
-    """A stream's chunks one at a time, for readers that do not care how they arrived."""
-    async for batch in stream:
-        for chunk in batch:
-            yield chunk
-
 
 class Observer(Protocol):
     """What a caller may want to hear while a call runs (the face's RequestContext implements it)."""
